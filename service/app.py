@@ -1,0 +1,81 @@
+"""The application factory: `create_app(config)` wires the catalog, the executor and the metrics
+into an aiohttp Application, creating and closing resources in its startup and cleanup hooks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from service.config import Config
+from service.metrics import Metrics
+from service.problems import problem_middleware
+from service.validation import TaskCatalog
+from workers import registry
+from workers.pool import PoolOptions, WorkerPool
+
+log = logging.getLogger("procbridge")
+
+
+@dataclass
+class Service:
+    """What the handlers need: settings, the task catalog, the executor, metrics, drain state."""
+
+    config: Config
+    catalog: TaskCatalog
+    metrics: Metrics
+    executor: WorkerPool | None = None
+    draining: bool = False
+    openapi_doc: bytes | None = None  # built on first request, then served as is
+
+
+SERVICE = web.AppKey("service", Service)
+
+
+def make_executor(config: Config) -> WorkerPool:
+    """The executor named by --executor (today: the local pool)."""
+    if config.executor != "local":
+        raise RuntimeError(f"--executor {config.executor}: the Dask executor is not available in this build")
+    return WorkerPool(
+        PoolOptions(
+            workers=config.workers,
+            modules=config.tasks,
+            max_pending=config.max_pending,
+            task_timeout=config.task_timeout,
+            max_tasks_per_worker=config.max_tasks_per_worker,
+            max_worker_memory=config.max_worker_memory,
+            nice=config.worker_nice,
+            cancel_running=config.cancel_running_on_disconnect,
+            debug=config.debug,
+        )
+    )
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the app. Task modules are imported here (so a bad module fails before anything starts);
+    the pool starts in the startup hook and stops in the cleanup hook."""
+    from service import ops_handlers, task_handlers
+
+    catalog = TaskCatalog(registry.load(config.tasks))
+    service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
+    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body + 1)
+    app[SERVICE] = service
+    task_handlers.setup(app)
+    ops_handlers.setup(app)
+
+    async def start(app: web.Application) -> None:
+        executor = make_executor(config)
+        await executor.start()
+        service.executor = executor
+        service.metrics.start()
+        log.info("%d workers ready; tasks: %s", config.workers, ", ".join(e.name for e in catalog))
+
+    async def stop(app: web.Application) -> None:
+        await service.metrics.stop()
+        if service.executor is not None:
+            await service.executor.aclose()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app

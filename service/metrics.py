@@ -1,0 +1,107 @@
+"""Prometheus metrics (prometheus-client), one registry per app so tests can build many apps.
+
+Counters and the duration histogram are updated on each call; pool state (pending, workers by
+state, restarts) is read at scrape time from the pool and its shared-memory table, so the hot path
+pays nothing for it. Event-loop lag is measured by a periodic timer: how late it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from workers.stats import STATE_NAMES
+
+disable_created_metrics()  # the *_created series only double the scrape size
+
+_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LAG_INTERVAL = 0.1
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pool: Callable[[], Any]) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        pool = self._pool()
+        pending = GaugeMetricFamily("procbridge_pending_tasks", "Tasks admitted and waiting for a worker")
+        workers = GaugeMetricFamily("procbridge_workers", "Worker processes by state", labels=["state"])
+        restarts = CounterMetricFamily(
+            "procbridge_worker_restarts", "Worker processes replaced, by reason", labels=["reason"]
+        )
+        cpu = CounterMetricFamily("procbridge_worker_cpu_seconds", "CPU seconds used by live workers", labels=["slot"])
+        if pool is not None:
+            pending.add_metric([], pool.pending)
+            counts = dict.fromkeys(("starting", "idle", "busy"), 0)
+            for row in pool.rows():
+                if STATE_NAMES.get(row.state) in counts:
+                    counts[STATE_NAMES[row.state]] += 1
+                if row.pid:
+                    cpu.add_metric([str(row.slot)], row.cpu_seconds)
+            for state, n in counts.items():
+                workers.add_metric([state], n)
+            for reason in sorted({"crashed", "timeout", "cancelled", "max_tasks", "max_memory", *pool.restarts}):
+                restarts.add_metric([reason], pool.restarts.get(reason, 0))
+        yield pending
+        yield workers
+        yield restarts
+        yield cpu
+
+
+class Metrics:
+    def __init__(self, pool: Callable[[], Any]) -> None:
+        self.registry = CollectorRegistry()
+        self.tasks = Counter(
+            "procbridge_tasks", "Task calls by outcome", ["task", "outcome"], registry=self.registry
+        )
+        self.duration = Histogram(
+            "procbridge_task_duration_seconds", "Seconds a task ran in its worker", ["task"],
+            buckets=_DURATION_BUCKETS, registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "procbridge_event_loop_lag_seconds", "How late the event loop ran a timer (highest in the last second)",
+            registry=self.registry,
+        )
+        self.registry.register(_PoolCollector(pool))
+        self._children: dict[tuple[str, str], Any] = {}
+        self._lag_task: asyncio.Task[None] | None = None
+
+    def observe(self, task: str, outcome: str, seconds: float | None = None) -> None:
+        child = self._children.get((task, outcome))
+        if child is None:
+            child = self._children[(task, outcome)] = self.tasks.labels(task, outcome)
+        child.inc()
+        if seconds is not None:
+            self.duration.labels(task).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def start(self) -> None:
+        self._lag_task = asyncio.ensure_future(self._measure_lag())
+
+    async def stop(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            try:
+                await self._lag_task
+            except asyncio.CancelledError:
+                pass
+
+    async def _measure_lag(self) -> None:
+        """Sleep LAG_INTERVAL, see how late we woke; publish the worst over the last second."""
+        worst, window_start = 0.0, time.monotonic()
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LAG_INTERVAL)
+            now = time.monotonic()
+            worst = max(worst, now - before - LAG_INTERVAL)
+            if now - window_start >= 1.0:
+                self.loop_lag.set(max(0.0, worst))
+                worst, window_start = 0.0, now

@@ -1,0 +1,65 @@
+"""HTTP handlers for operators: health, readiness, metrics, the worker table, the OpenAPI document."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.app import SERVICE
+from service.openapi import build_openapi
+from service.task_handlers import json_response
+from workers.stats import BUSY, IDLE, STATE_NAMES
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/v1/workers", workers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    executor = service.executor
+    alive = executor.alive if executor is not None else 0
+    if service.draining or executor is None or executor.closing:
+        return json_response({"status": "draining", "workers_alive": alive}, status=503)
+    if alive < 1:
+        return json_response({"status": "no-workers", "workers_alive": alive}, status=503)
+    return json_response({"status": "ready", "workers_alive": alive})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    if service.openapi_doc is None:
+        service.openapi_doc = build_openapi(service.catalog)
+    return web.Response(body=service.openapi_doc, content_type="application/json")
+
+
+async def workers(request: web.Request) -> web.Response:
+    """The shared-memory worker table, as the workers last wrote it."""
+    service = request.app[SERVICE]
+    executor = service.executor
+    rows = executor.rows() if executor is not None else []
+    listing = [
+        {
+            "slot": row.slot,
+            "pid": row.pid or None,
+            "state": STATE_NAMES[row.state] if row.state in (IDLE, BUSY) else "starting",
+            "task": row.task,
+            "tasks_done": row.tasks_done,
+            "cpu_seconds": round(row.cpu_seconds, 6),
+        }
+        for row in rows
+    ]
+    return json_response({"size": executor.size if executor is not None else 0, "workers": listing})

@@ -1,0 +1,127 @@
+"""The error model: every failure leaves the service as RFC 9457 problem+json.
+
+Handlers raise `Problem`; the middleware here turns it (and aiohttp's own HTTP errors, and anything
+unexpected) into one response shape: {"type": "/problems/<slug>", "title", "status", "detail"}.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from workers.errors import Overloaded, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
+
+log = logging.getLogger("procbridge.http")
+
+PROBLEM_JSON = "application/problem+json"
+
+TITLES = {
+    "invalid-json": "Body is not a JSON object",
+    "unauthorized": "Missing or wrong API key",
+    "not-found": "No such resource",
+    "unknown-task": "No such task",
+    "unknown-job": "No such job",
+    "method-not-allowed": "Method not allowed",
+    "job-finished": "The job has already finished",
+    "payload-too-large": "Request body too large",
+    "unsupported-media-type": "Unsupported media type",
+    "invalid-arguments": "Arguments do not fit the task",
+    "rate-limited": "Too many requests",
+    "task-failed": "The task raised an exception",
+    "internal-error": "Internal server error",
+    "worker-crashed": "The worker process died while running the task",
+    "overloaded": "Too much work is waiting",
+    "draining": "The service is shutting down",
+    "task-timeout": "The task ran past its timeout",
+}
+
+
+class Problem(Exception):
+    """An HTTP error with a problem+json body; raise it anywhere below a handler."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": f"/problems/{self.slug}",
+            "title": TITLES.get(self.slug, self.slug.replace("-", " ").capitalize()),
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+    def response(self) -> web.Response:
+        resp = web.Response(
+            status=self.status, body=orjson.dumps(self.body()), content_type=PROBLEM_JSON, headers=self.headers
+        )
+        resp["problem_slug"] = self.slug
+        return resp
+
+
+def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1) -> Problem:
+    """The one place where a pool outcome becomes an HTTP status and slug."""
+    if isinstance(exc, TaskFailed):
+        extra = {"exception": exc.exc_type}
+        if debug and exc.traceback:
+            extra["traceback"] = exc.traceback
+        return Problem(500, "task-failed", str(exc), **extra)
+    if isinstance(exc, WorkerCrashed):
+        return Problem(502, "worker-crashed", str(exc))
+    if isinstance(exc, TaskTimeout):
+        return Problem(504, "task-timeout", str(exc))
+    if isinstance(exc, Overloaded):
+        return Problem(503, "overloaded", str(exc), headers={"Retry-After": str(retry_after)})
+    if isinstance(exc, PoolClosed):
+        return Problem(503, "draining", str(exc), headers={"Retry-After": str(retry_after)})
+    return Problem(500, "internal-error", f"{type(exc).__name__}: {exc}")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_SLUGS = {
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "payload-too-large",
+    415: "unsupported-media-type",
+    400: "bad-request",
+}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as p:
+        return p.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        slug = _HTTP_SLUGS.get(exc.status, "bad-request" if exc.status < 500 else "internal-error")
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404:
+            detail = f"no route for {request.method} {request.path}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return Problem(exc.status, slug, detail, headers=headers).response()
+    except (ConnectionResetError, TimeoutError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return Problem(500, "internal-error", "an unexpected error occurred; see the server log").response()

@@ -1,0 +1,98 @@
+"""Running the service: uvloop, aiohttp's runner on one TCP site, signals and a graceful drain.
+
+SIGTERM or SIGINT: /readyz turns 503 and new calls get 503 `draining` at once; admitted calls
+finish for up to --shutdown-grace seconds (a second signal cuts the grace short); then whatever is
+still running is killed (its callers get 503), the workers stop, connections close, exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+
+from service.app import SERVICE, create_app
+from service.config import Config
+
+log = logging.getLogger("procbridge")
+
+
+async def serve(config: Config) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that hangs up cancels its handler: queued work is dropped
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=75.0,
+    )
+    await runner.setup()  # the startup hooks: the worker pool starts here
+    try:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+        await site.start()
+        bound = ", ".join(f"http://{s.getsockname()[0]}:{s.getsockname()[1]}" for s in _sockets(runner))
+        log.info("procbridge listening on %s (%d workers)", bound, config.workers)
+        if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+            log.warning("listening on %s without API keys: anyone who can reach it can run tasks", config.host)
+
+        stop = asyncio.Event()
+        hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signame: str) -> None:
+            if stop.is_set():
+                log.warning("%s again: skipping the rest of the grace period", signame)
+                hurry.set()
+            else:
+                log.info("%s: draining (grace %g s)", signame, config.shutdown_grace)
+                stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        await stop.wait()
+        service = app[SERVICE]
+        service.draining = True
+        if service.executor is not None:
+            drain = asyncio.ensure_future(service.executor.drain(config.shutdown_grace))
+            hurried = asyncio.ensure_future(hurry.wait())
+            await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            hurried.cancel()
+            if not drain.done():
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
+                await service.executor.aclose()
+    finally:
+        await runner.cleanup()  # stop listening, close connections, cleanup hooks (executor, metrics)
+    log.info("procbridge stopped")
+
+
+def _sockets(runner: web.AppRunner) -> list[object]:
+    out = []
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        out.extend(getattr(server, "sockets", None) or [])
+    return out
+
+
+def run(config: Config) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        uvloop.run(serve(config))
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    except (RuntimeError, ImportError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,128 @@
+"""The task catalog: argument models derived from each task's type hints, with pydantic.
+
+Validation happens here, in the service, before anything reaches a worker: unknown and missing
+arguments are refused, types are checked strictly for JSON (no "5" for an int, no true for 1), and
+ranges declared with `Annotated[int, Interval(ge=..., le=...)]` (or pydantic's Field) are enforced.
+Query-string arguments of binary calls are strings by nature, so they are parsed leniently.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from service.problems import Problem
+from workers.registry import TaskSpec
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_LENIENT = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
+_BYTES_DOC = "UTF-8 text in JSON; or send the raw bytes as the application/octet-stream body"
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    spec: TaskSpec
+    json_model: type[BaseModel]  # all arguments, a bytes parameter given as a string
+    query_model: type[BaseModel]  # the arguments other than the bytes parameter, lenient
+    schema: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _fields(spec: TaskSpec, *, skip_bytes: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for pname, param in spec.signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = spec.hints.get(pname, Any)
+        if pname == spec.bytes_param:
+            if skip_bytes:
+                continue
+            annotation = str
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[pname] = (annotation, default)
+    return fields
+
+
+def build_entry(spec: TaskSpec) -> TaskEntry:
+    json_model = create_model(f"{spec.name}_arguments", __config__=_STRICT, **_fields(spec, skip_bytes=False))
+    query_model = create_model(f"{spec.name}_query", __config__=_LENIENT, **_fields(spec, skip_bytes=True))
+    schema = json_model.model_json_schema()
+    schema["title"] = f"{spec.name} arguments"
+    if spec.doc:
+        schema["description"] = spec.doc.split("\n\n")[0]
+    if spec.bytes_param and spec.bytes_param in schema.get("properties", {}):
+        schema["properties"][spec.bytes_param]["description"] = _BYTES_DOC
+    return TaskEntry(spec, json_model, query_model, schema)
+
+
+class TaskCatalog:
+    """The tasks this service exposes, by name, each with its validators and JSON Schema."""
+
+    def __init__(self, specs: Mapping[str, TaskSpec]) -> None:
+        self._entries = {name: build_entry(spec) for name, spec in specs.items()}
+
+    def __iter__(self) -> Any:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> TaskEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise Problem(404, "unknown-task", f"no task named {name!r}; GET /v1/tasks lists them")
+        return entry
+
+    def validate_json(self, entry: TaskEntry, args: Any) -> dict[str, Any]:
+        """Arguments from a JSON object -> keyword arguments for the task (422 if they do not fit)."""
+        if not isinstance(args, dict):
+            raise Problem(422, "invalid-arguments", "arguments must be a JSON object", errors=[])
+        kwargs = _validate(entry.json_model, args)
+        bp = entry.spec.bytes_param
+        if bp is not None and isinstance(kwargs.get(bp), str):
+            kwargs[bp] = kwargs[bp].encode("utf-8")
+        return kwargs
+
+    def validate_binary(self, entry: TaskEntry, query: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """A binary call: the body goes to the bytes parameter, the rest comes from the query string."""
+        bp = entry.spec.bytes_param
+        if bp is None:
+            raise Problem(
+                415, "unsupported-media-type",
+                f"task {entry.name!r} takes no binary input; send a JSON object (application/json)",
+            )
+        if bp in query:
+            raise Problem(
+                422, "invalid-arguments", f"{bp}: comes from the request body, not the query string",
+                errors=[{"field": bp, "message": "given in the query string"}],
+            )
+        kwargs = _validate(entry.query_model, dict(query))
+        kwargs[bp] = body
+        return kwargs
+
+
+def _validate(model: type[BaseModel], args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return dict(model.model_validate(args))
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "(arguments)", "message": _message(err)}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise Problem(422, "invalid-arguments", detail, errors=errors) from None
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown argument"
+    if err["type"] == "missing":
+        return "required argument is missing"
+    return str(err["msg"])
