@@ -264,7 +264,9 @@ def _log_level(s: str) -> str:
 # -- CPUs this process may use ----------------------------------------------------------------------
 
 
-def available_cpus(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup", proc_self_cgroup: str = "/proc/self/cgroup") -> int:
+def available_cpus(
+    cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup", proc_self_cgroup: str = "/proc/self/cgroup"
+) -> int:
     """CPUs in this process's affinity mask, capped by a cgroup CPU quota (v2 cpu.max or v1 CFS).
 
     A container limited to 2 CPUs on a 64-core host gets 2; a fractional quota rounds up.

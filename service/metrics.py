@@ -8,11 +8,19 @@ pays nothing for it. Event-loop lag is measured by a periodic timer: how late it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -89,10 +97,8 @@ class Metrics:
     async def stop(self) -> None:
         if self._lag_task is not None:
             self._lag_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
-            except asyncio.CancelledError:
-                pass
 
     async def _measure_lag(self) -> None:
         """Sleep LAG_INTERVAL, see how late we woke; publish the worst over the last second."""

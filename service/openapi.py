@@ -46,7 +46,9 @@ _TIMEOUT_PARAM = {
 }
 
 
-def _task_operation(name: str, doc: str, schema: dict[str, Any] | None, binary: bool, returns_bytes: bool) -> dict[str, Any]:
+def _task_operation(
+    name: str, doc: str, schema: dict[str, Any] | None, binary: bool, returns_bytes: bool
+) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": schema or {"type": "object"}}}
     if binary:
         content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}

@@ -79,7 +79,7 @@ class Problem(Exception):
 def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1) -> Problem:
     """The one place where a pool outcome becomes an HTTP status and slug."""
     if isinstance(exc, TaskFailed):
-        extra = {"exception": exc.exc_type}
+        extra: dict[str, Any] = {"exception": exc.exc_type}
         if debug and exc.traceback:
             extra["traceback"] = exc.traceback
         return Problem(500, "task-failed", str(exc), **extra)

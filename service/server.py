@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 
 import uvloop
@@ -73,8 +74,8 @@ async def serve(config: Config) -> None:
     log.info("procbridge stopped")
 
 
-def _sockets(runner: web.AppRunner) -> list[object]:
-    out = []
+def _sockets(runner: web.AppRunner) -> list[socket.socket]:
+    out: list[socket.socket] = []
     for site in runner.sites:
         server = getattr(site, "_server", None)
         out.extend(getattr(server, "sockets", None) or [])

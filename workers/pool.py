@@ -225,7 +225,7 @@ class WorkerPool(cf.Executor):
         for call in self._queue:
             _settle(call.waiter, error=PoolClosed())
         self._queue.clear()
-        procs = []
+        procs: list[BaseProcess] = []
         for w in self._workers:
             if w is None:
                 continue
@@ -334,9 +334,9 @@ class WorkerPool(cf.Executor):
                     self._assign(w, call)
                     return
             if self._short(call.name):
-                for w in self._workers:
-                    if w is not None and self._can_pipeline(w):
-                        self._assign(w, call)
+                for candidate in self._workers:
+                    if candidate is not None and self._can_pipeline(candidate):
+                        self._assign(candidate, call)
                         return
         if len(self._queue) >= self.max_pending:
             raise Overloaded(len(self._queue))
@@ -494,7 +494,7 @@ class WorkerPool(cf.Executor):
             if call is None:
                 continue
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
-            if status == OK or status == OK_JSON:
+            if status in (OK, OK_JSON):
                 _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON))
             elif status == ERROR:
                 _settle(call.waiter, error=TaskFailed(*payload))
@@ -632,7 +632,8 @@ class WorkerPool(cf.Executor):
         parent.setblocking(False)
         if self._closed:
             self._detach(w)
-            await self._loop.run_in_executor(self._spawner, _stop_processes, [proc], 2.0)
+            procs: list[BaseProcess] = [proc]
+            await self._loop.run_in_executor(self._spawner, _stop_processes, procs, 2.0)
             return
         self._workers[slot] = w
         self._loop.add_reader(parent.fileno(), self._on_readable, w)

@@ -38,7 +38,7 @@ class TaskSpec:
         """Resolved type hints (string annotations included), `Annotated` extras kept."""
         try:
             return typing.get_type_hints(self.fn, include_extras=True)
-        except Exception:  # unresolvable forward reference: fall back to what is written
+        except Exception:  # noqa: BLE001 - unresolvable forward reference: fall back to what is written
             return dict(self.fn.__annotations__)
 
     @functools.cached_property

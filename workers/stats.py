@@ -9,6 +9,7 @@ re-checks the call id before it acts on a start time.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -48,6 +49,7 @@ class WorkerTable:
 
     def __init__(self, shm: shared_memory.SharedMemory, slots: int, owner: bool) -> None:
         self._shm = shm
+        self.buf: memoryview = shm.buf  # type: ignore[assignment]  # never None while open
         self.slots = slots
         self._owner = owner
         self.name = shm.name
@@ -65,10 +67,10 @@ class WorkerTable:
         return cls(shared_memory.SharedMemory(name=name), slots, owner=False)
 
     def clear(self, slot: int) -> None:
-        _ROW.pack_into(self._shm.buf, slot * ROW_SIZE, 0, EMPTY, 0, 0.0, 0.0, 0, 0, b"")
+        _ROW.pack_into(self.buf, slot * ROW_SIZE, 0, EMPTY, 0, 0.0, 0.0, 0, 0, b"")
 
     def read(self, slot: int) -> WorkerRow:
-        pid, state, call_id, started, cpu, done, reason, name = _ROW.unpack_from(self._shm.buf, slot * ROW_SIZE)
+        pid, state, call_id, started, cpu, done, reason, name = _ROW.unpack_from(self.buf, slot * ROW_SIZE)
         task = name.rstrip(b"\0").decode("utf-8", "replace") or None
         return WorkerRow(slot, pid, state, call_id, started, cpu, done, reason, task)
 
@@ -77,22 +79,19 @@ class WorkerTable:
 
     def close(self) -> None:
         """Detach; the owner also removes the segment from /dev/shm."""
-        try:
+        del self.buf
+        with contextlib.suppress(BufferError):  # a view still alive somewhere; unlink still frees the name
             self._shm.close()
-        except BufferError:  # a view is still alive somewhere; the unlink below still frees the name
-            pass
         if self._owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._shm.unlink()
-            except FileNotFoundError:
-                pass
 
 
 class RowWriter:
     """A worker's handle on its own row: cheap writes on every task start and end."""
 
     def __init__(self, table: WorkerTable, slot: int, pid: int) -> None:
-        self._buf = table._shm.buf
+        self._buf = table.buf
         self._off = slot * ROW_SIZE
         self._pid = pid
         self._done = 0

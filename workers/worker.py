@@ -8,6 +8,7 @@ under a millisecond, finished results wait (at most ~1 ms) and go back in one fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -54,10 +55,8 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
     """Entry point of a worker process (started by the pool through the forkserver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the service's to handle, not ours
     if options.nice:
-        try:
+        with contextlib.suppress(OSError):
             os.nice(options.nice)
-        except OSError:
-            pass
     registry.load(options.modules)
     table = WorkerTable.attach(options.table_name, options.table_slots)
     row = RowWriter(table, options.slot, os.getpid())
@@ -117,7 +116,7 @@ def _run(call: tuple[Any, ...], name: str, row: RowWriter) -> tuple[Any, ...]:
     try:
         fn = target if kind == KIND_FUNCTION else _lookup(target)
         value = fn(*args, **kwargs)
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt are task outcomes here too
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
         status, value = ERROR, describe_exception(exc)
     else:
         status, value = _encode(value, encode)
@@ -164,7 +163,7 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str]:
 def _send(frames: BlockingFrames, out: list[tuple[Any, ...]]) -> None:
     try:
         header, payload = dumps(out)
-    except Exception:  # a result that will not pickle: send the others, fail that one
+    except Exception:  # noqa: BLE001 - a result that will not pickle: send the others, fail that one
         safe = []
         for result in out:
             try:

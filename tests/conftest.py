@@ -1,0 +1,168 @@
+"""Shared test helpers: free loopback ports, waiting on conditions with deadlines, and the real
+server started as a subprocess (`server_factory`), with every process it started tracked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30.0
+) -> Reply:
+    """One HTTP request with the stdlib; error statuses are returned, not raised."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
+    except urllib.error.HTTPError as err:
+        return Reply(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
+
+
+def post_json(url: str, payload: Any, timeout: float = 30.0) -> Reply:
+    return http("POST", url, json.dumps(payload).encode(), {"Content-Type": "application/json"}, timeout)
+
+
+@dataclass
+class ServerProcess:
+    """`python -m service serve` on a free loopback port, as a user would run it."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        self.seen_pids.update(k.pid for k in kids)
+        return kids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server and wait for it to exit; return its exit code."""
+        self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"server did not exit within {timeout} s after {sig}\n{self.log()}") from None
+
+    def leftovers(self) -> list[int]:
+        """Pids of processes the server started that are still alive (zombies count)."""
+        alive = []
+        for pid in self.seen_pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p = psutil.Process(pid)
+                if p.is_running():
+                    alive.append(pid)
+        return alive
+
+    def kill_all(self) -> None:
+        for p in self.descendants():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start_server(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0
+) -> ServerProcess:
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
+    full_env.update({"PROCBRIDGE_STORE": str(tmp_path / "jobs.db"), "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    log_path = tmp_path / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(port, proc, log_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            return http("GET", server.url + "/readyz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, ready_timeout, 0.05, "the server to become ready")
+    server.descendants()
+    return server
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers; each is stopped (and its processes killed) when the test ends."""
+    started: list[ServerProcess] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = start_server(tmp_path, *args, env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                server.stop(signal.SIGTERM, timeout=15)
+        server.kill_all()
