@@ -19,6 +19,7 @@ from aiohttp import web
 
 from service.app import SERVICE, create_app
 from service.config import Config
+from workers.pool import stop_helper_processes
 
 log = logging.getLogger("procbridge")
 
@@ -96,4 +97,6 @@ def run(config: Config) -> int:
     except (RuntimeError, ImportError) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        stop_helper_processes()
     return 0

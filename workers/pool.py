@@ -690,3 +690,19 @@ def _stop_processes(procs: list[BaseProcess], grace: float) -> None:
             proc.join(5.0)
         with contextlib.suppress(ValueError):
             proc.close()
+
+
+def stop_helper_processes() -> None:
+    """Stop multiprocessing's forkserver and resource tracker now, at service exit.
+
+    Both would exit on their own once they notice this process is gone, but only a moment later:
+    stopping them here (the stdlib's own test hooks, guarded) means no process outlives the
+    service, not even briefly. Call it only when no pool is running any more.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):  # type: ignore[attr-defined]
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            with contextlib.suppress(Exception):
+                stop()
