@@ -1,0 +1,74 @@
+"""Per-call overhead of procbridge's pool against the stock ProcessPoolExecutor, in one run.
+
+    .venv/bin/python scripts/pool_overhead.py [--workers N] [--calls N] [--concurrency N]
+
+Each contender runs the same no-op task (`primes(limit=1)`, a few hundred nanoseconds of work) with
+the same number of calls in flight; the figure is wall time divided by calls, so it includes the
+event loop's own work. Contenders: procbridge's native `await pool.call(...)`, procbridge through
+`loop.run_in_executor`, and `concurrent.futures.ProcessPoolExecutor` through `run_in_executor`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import uvloop
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workers.builtin_tasks import primes  # noqa: E402
+from workers.pool import PoolOptions, WorkerPool, stop_helper_processes  # noqa: E402
+
+
+async def measure(call: Callable[[], Awaitable[object]], calls: int, concurrency: int) -> float:
+    """Seconds per call with `concurrency` calls in flight (after a warm-up of 1000 calls)."""
+
+    async def lane(n: int) -> None:
+        for _ in range(n):
+            await call()
+
+    await asyncio.gather(*(lane(1000 // concurrency + 1) for _ in range(concurrency)))
+    start = time.perf_counter()
+    await asyncio.gather(*(lane(calls // concurrency) for _ in range(concurrency)))
+    return (time.perf_counter() - start) / (calls // concurrency * concurrency)
+
+
+async def main(args: argparse.Namespace) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    results: dict[str, float] = {}
+    pool = WorkerPool(PoolOptions(workers=args.workers, max_pending=100_000))
+    await pool.start()
+    try:
+        results["procbridge_native_us"] = 1e6 * await measure(
+            lambda: pool.call("primes", {"limit": 1}), args.calls, args.concurrency
+        )
+        results["procbridge_run_in_executor_us"] = 1e6 * await measure(
+            lambda: loop.run_in_executor(pool, primes, 1), args.calls, args.concurrency
+        )
+    finally:
+        await pool.aclose()
+    with cf.ProcessPoolExecutor(args.workers) as stock:
+        results["stock_process_pool_us"] = 1e6 * await measure(
+            lambda: loop.run_in_executor(stock, primes, 1), args.calls, args.concurrency
+        )
+    results["speedup_native_vs_stock"] = results["stock_process_pool_us"] / results["procbridge_native_us"]
+    results["speedup_executor_vs_stock"] = results["stock_process_pool_us"] / results["procbridge_run_in_executor_us"]
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    ns = parser.parse_args()
+    out = uvloop.run(main(ns))
+    stop_helper_processes()
+    print(json.dumps({"cpus": len(os.sched_getaffinity(0)), "workers": ns.workers, **out}, indent=2))
