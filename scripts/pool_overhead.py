@@ -15,16 +15,13 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
 import uvloop
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from workers.builtin_tasks import primes  # noqa: E402
-from workers.pool import PoolOptions, WorkerPool, stop_helper_processes  # noqa: E402
+from workers.builtin_tasks import primes
+from workers.pool import PoolOptions, WorkerPool, stop_helper_processes
 
 
 async def measure(call: Callable[[], Awaitable[object]], calls: int, concurrency: int) -> float:

@@ -36,7 +36,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
-    max_pending: int = 4
+    max_pending: int = 0  # 0: four per worker (what `load` also gives when the flag is unset)
     task_timeout: float = 60.0
     max_body: int = 64 * MIB
     tasks: tuple[str, ...] = ()
@@ -51,6 +51,10 @@ class Config:
     worker_nice: int = 10
     log_level: str = "info"
     debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_pending == 0:
+            object.__setattr__(self, "max_pending", 4 * self.workers)
 
 
 # (flag, env var, dest, help). Defaults that depend on the machine are filled in by `load`.
@@ -115,14 +119,15 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"{where}={value!r}: {exc}") from None
 
     workers = get("workers", _positive_int, None) or available_cpus()
-    max_pending = get("max_pending", _non_negative_int, 4 * workers)
+    # 0 is refused rather than passed on: the pool would read it as "the default" (4 x workers).
+    max_pending = get("max_pending", _positive_int, 4 * workers)
     return Config(
         host=get("host", _host, "127.0.0.1"),
         port=get("port", _port, 8080),
         workers=workers,
         max_pending=max_pending,
         task_timeout=get("task_timeout", _positive_float, 60.0),
-        max_body=get("max_body", _size, 64 * MIB),
+        max_body=get("max_body", _positive_size, 64 * MIB),
         tasks=get("tasks", _modules, ()),
         store=get("store", _store, "./procbridge.db"),
         executor=get("executor", _executor, "local"),
@@ -141,36 +146,51 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 # -- converters: each raises ValueError with a message a user can act on ---------------------------
 
 
+def _int(s: str, requirement: str) -> int:
+    """int(s), or ValueError(requirement) instead of Python's "invalid literal for int()"."""
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(requirement) from None
+
+
+def _float(s: str, requirement: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise ValueError(requirement) from None
+
+
 def _positive_int(s: str) -> int:
-    n = int(s)
+    n = _int(s, "must be a whole number ≥ 1")
     if n < 1:
         raise ValueError("must be a whole number ≥ 1")
     return n
 
 
 def _non_negative_int(s: str) -> int:
-    n = int(s)
+    n = _int(s, "must be a whole number ≥ 0")
     if n < 0:
         raise ValueError("must be a whole number ≥ 0")
     return n
 
 
 def _positive_float(s: str) -> float:
-    x = float(s)
+    x = _float(s, "must be a number of seconds > 0")
     if not math.isfinite(x) or x <= 0:
         raise ValueError("must be a number of seconds > 0")
     return x
 
 
 def _non_negative_float(s: str) -> float:
-    x = float(s)
+    x = _float(s, "must be a number of seconds ≥ 0")
     if not math.isfinite(x) or x < 0:
         raise ValueError("must be a number of seconds ≥ 0")
     return x
 
 
 def _port(s: str) -> int:
-    n = int(s)
+    n = _int(s, "must be a port number from 0 to 65535")
     if not 0 <= n <= 65535:
         raise ValueError("must be a port number from 0 to 65535")
     return n
@@ -193,6 +213,13 @@ def _size(s: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def _positive_size(s: str) -> int:
+    n = _size(s)
+    if n < 1:
+        raise ValueError("must be at least 1 byte")
+    return n
+
+
 def _modules(s: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in s.split(",") if part.strip())
     for name in names:
@@ -202,6 +229,8 @@ def _modules(s: str) -> tuple[str, ...]:
 
 
 def _store(s: str) -> str:
+    if not s:
+        raise ValueError("must be a SQLite file path or a redis:// URL")
     if s.startswith(("redis://", "rediss://", "unix://")):
         return s
     if "://" in s:
@@ -233,7 +262,7 @@ _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute
 
 def parse_rate(s: str) -> RateLimit:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*([a-z]+)", s.lower())
-    if not m or m.group(3) not in _PERIODS or float(m.group(1)) <= 0:
+    if not m or m.group(3) not in _PERIODS or float(m.group(1)) <= 0 or float(m.group(2) or 1) <= 0:
         raise ValueError("must look like 20/s, 600/min or 1000/h")
     return RateLimit(float(m.group(1)), float(m.group(2) or 1) * _PERIODS[m.group(3)])
 
@@ -248,7 +277,7 @@ def _bool(s: str) -> bool:
 
 
 def _nice(s: str) -> int:
-    n = int(s)
+    n = _int(s, "must be from 0 to 19")
     if not 0 <= n <= 19:
         raise ValueError("must be from 0 to 19")
     return n
@@ -284,28 +313,41 @@ def available_cpus(
 def cgroup_cpu_quota(root: Path, proc_self_cgroup: Path) -> float | None:
     """The CPU limit (in CPUs) the cgroup imposes on this process, or None if there is none."""
     paths = _own_cgroup_paths(proc_self_cgroup)
-    # cgroup v2: cpu.max is "QUOTA PERIOD" or "max PERIOD", in our cgroup or at the root mount.
-    for rel in (paths.get("", ""), ""):
-        f = root / rel.lstrip("/") / "cpu.max"
+    # cgroup v2: cpu.max is "QUOTA PERIOD" or "max PERIOD". The limit in force is the tightest of our
+    # cgroup and its ancestors (a parent slice may cap a child that says "max"), down to the mount root.
+    found_v2 = False
+    limits: list[float] = []
+    for rel in _ancestors(paths.get("", "")):
         try:
-            quota_s, period_s = f.read_text().split()[:2]
+            quota_s, period_s = (root / rel / "cpu.max").read_text().split()[:2]
+            found_v2 = True
+            if quota_s != "max" and int(period_s) > 0 and int(quota_s) > 0:
+                limits.append(int(quota_s) / int(period_s))
         except (OSError, ValueError):
             continue
-        if quota_s == "max":
-            return None
-        return int(quota_s) / int(period_s)
+    if found_v2:
+        return min(limits, default=None)
     # cgroup v1: cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us, under the cpu controller.
-    v1 = paths.get("cpu", paths.get("cpu,cpuacct", paths.get("cpuacct,cpu")))
+    v1 = paths.get("cpu", paths.get("cpu,cpuacct", paths.get("cpuacct,cpu"))) or ""
     for base in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        for rel in ((v1 or ""), ""):
-            d = root / base / rel.lstrip("/")
+        for rel in _ancestors(v1):
+            d = root / base / rel
             try:
                 quota = int((d / "cpu.cfs_quota_us").read_text())
                 period = int((d / "cpu.cfs_period_us").read_text())
             except (OSError, ValueError):
                 continue
-            return None if quota <= 0 or period <= 0 else quota / period
+            if quota > 0 and period > 0:
+                limits.append(quota / period)
+        if limits:
+            return min(limits)
     return None
+
+
+def _ancestors(cgroup_path: str) -> list[str]:
+    """'/a/b' -> ['a/b', 'a', '']: a cgroup's path relative to the mount, then its parents'."""
+    parts = [p for p in cgroup_path.split("/") if p and p != ".."]
+    return ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
 def _own_cgroup_paths(proc_self_cgroup: Path) -> dict[str, str]:
