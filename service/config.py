@@ -49,6 +49,9 @@ class Config:
     max_worker_memory: int = 0
     cancel_running_on_disconnect: bool = False
     worker_nice: int = 10
+    job_concurrency: int = 1
+    job_ttl: float = 86400.0
+    max_map_items: int = 100_000
     log_level: str = "info"
     debug: bool = False
 
@@ -78,6 +81,10 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
     ("--cancel-running-on-disconnect", "PROCBRIDGE_CANCEL_RUNNING_ON_DISCONNECT",
      "cancel_running_on_disconnect", "kill a running task when its client hangs up [false]"),
     ("--worker-nice", "PROCBRIDGE_WORKER_NICE", "worker_nice", "nice increment of workers [10]"),
+    ("--job-concurrency", "PROCBRIDGE_JOB_CONCURRENCY", "job_concurrency",
+     "async jobs run at once, so synchronous calls keep their share [half the workers, at least 1]"),
+    ("--job-ttl", "PROCBRIDGE_JOB_TTL", "job_ttl", "keep finished jobs this long, e.g. 3600, 90m, 24h [24h]"),
+    ("--max-map-items", "PROCBRIDGE_MAX_MAP_ITEMS", "max_map_items", "items in one map request, beyond: 413 [100000]"),
     ("--log-level", "PROCBRIDGE_LOG_LEVEL", "log_level", "debug, info, warning or error [info]"),
     ("--debug", "PROCBRIDGE_DEBUG", "debug", "include tracebacks in task-failed problems [false]"),
 ]
@@ -138,6 +145,9 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         max_worker_memory=get("max_worker_memory", _size, 0),
         cancel_running_on_disconnect=get("cancel_running_on_disconnect", _bool, False),
         worker_nice=get("worker_nice", _nice, 10),
+        job_concurrency=get("job_concurrency", _positive_int, max(1, (workers + 1) // 2)),
+        job_ttl=get("job_ttl", _duration, 86400.0),
+        max_map_items=get("max_map_items", _positive_int, 100_000),
         log_level=get("log_level", _log_level, "info"),
         debug=get("debug", _bool, False),
     )
@@ -187,6 +197,16 @@ def _non_negative_float(s: str) -> float:
     if not math.isfinite(x) or x < 0:
         raise ValueError("must be a number of seconds ≥ 0")
     return x
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(s: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", s.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError("must be a duration > 0 in seconds, or with a unit: 90s, 30m, 24h, 7d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
 def _port(s: str) -> int:

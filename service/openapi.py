@@ -110,8 +110,10 @@ def build_openapi(catalog: TaskCatalog) -> bytes:
             ],
         }},
     }
+    schemas = dict(_SCHEMAS)
     for entry in catalog:
-        op = _task_operation(entry.name, entry.spec.doc, entry.schema, entry.spec.bytes_param is not None,
+        schema = _hoist_defs(entry.name, entry.schema, schemas)
+        op = _task_operation(entry.name, entry.spec.doc, schema, entry.spec.bytes_param is not None,
                              entry.spec.returns_bytes)
         paths[f"/v1/tasks/{entry.name}"] = {"post": op}
     doc = {
@@ -122,9 +124,34 @@ def build_openapi(catalog: TaskCatalog) -> bytes:
             "description": "CPU-heavy Python tasks served over HTTP by a supervised process pool.",
         },
         "paths": paths,
-        "components": {"schemas": _SCHEMAS},
+        "components": {"schemas": schemas},
     }
     return orjson.dumps(doc)
+
+
+def _hoist_defs(task: str, schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """A task schema with its "$defs" (nested models, TypedDicts) moved to components/schemas as
+    "<task>.<Name>": inside the OpenAPI document "#/$defs/..." would resolve against its root."""
+    defs = schema.get("$defs")
+    if not defs:
+        return schema
+    prefix = "#/$defs/"
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k != "$defs"}
+            ref = out.get("$ref")
+            if isinstance(ref, str) and ref.startswith(prefix):
+                out["$ref"] = f"#/components/schemas/{task}.{ref[len(prefix):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, definition in defs.items():
+        components[f"{task}.{name}"] = rewrite(definition)
+    hoisted: dict[str, Any] = rewrite(schema)
+    return hoisted
 
 
 _SCHEMAS: dict[str, Any] = {

@@ -69,11 +69,9 @@ class Problem(Exception):
         }
 
     def response(self) -> web.Response:
-        resp = web.Response(
+        return web.Response(
             status=self.status, body=orjson.dumps(self.body()), content_type=PROBLEM_JSON, headers=self.headers
         )
-        resp["problem_slug"] = self.slug
-        return resp
 
 
 def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1) -> Problem:

@@ -35,6 +35,15 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def call_task(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     entry = service.catalog.get(request.match_info["name"])
+    try:
+        return await _call_task(request, service, entry.name)
+    except Problem as problem:  # every refused or failed call of a known task is counted
+        service.metrics.observe(entry.name, problem.slug)
+        raise
+
+
+async def _call_task(request: web.Request, service: Service, name: str) -> web.Response:
+    entry = service.catalog.get(name)
     timeout = parse_timeout(request.query.get("timeout"))
     kind = body_kind(request)
     admit_or_refuse(service)  # before reading the body: a refused call costs no buffering
@@ -77,14 +86,12 @@ def admit_or_refuse(service: Service) -> None:
 
 
 async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
-    """Call the executor and count the outcome; pool errors become problems."""
+    """Call the executor; count a success (the caller counts problems); pool errors become problems."""
     assert service.executor is not None
     try:
         outcome = await service.executor.call(name, kwargs, timeout=timeout, encode_json=True)
     except PoolError as exc:
-        problem = from_pool_error(exc, debug=service.config.debug)
-        service.metrics.observe(name, problem.slug)
-        raise problem from None
+        raise from_pool_error(exc, debug=service.config.debug) from None
     service.metrics.observe(name, "ok", outcome.elapsed)
     return outcome
 

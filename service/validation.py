@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
 
 from service.problems import Problem
 from workers.registry import TaskSpec
@@ -50,10 +50,21 @@ def _fields(spec: TaskSpec, *, skip_bytes: bool) -> dict[str, Any]:
     return fields
 
 
+class TaskDefinitionError(RuntimeError):
+    """A task's type hints cannot be made into an argument model (found when the catalog is built)."""
+
+
 def build_entry(spec: TaskSpec) -> TaskEntry:
-    json_model = create_model(f"{spec.name}_arguments", __config__=_STRICT, **_fields(spec, skip_bytes=False))
-    query_model = create_model(f"{spec.name}_query", __config__=_LENIENT, **_fields(spec, skip_bytes=True))
-    schema = json_model.model_json_schema()
+    try:
+        json_model = create_model(f"{spec.name}_arguments", __config__=_STRICT, **_fields(spec, skip_bytes=False))
+        query_model = create_model(f"{spec.name}_query", __config__=_LENIENT, **_fields(spec, skip_bytes=True))
+        schema = json_model.model_json_schema()
+    except PydanticUserError as exc:  # e.g. a parameter annotated with an arbitrary class
+        reason = str(exc).strip().splitlines()[0]
+        raise TaskDefinitionError(
+            f"task {spec.name!r} ({spec.module}.{spec.fn.__qualname__}): its type hints are not JSON arguments: "
+            f"{reason}"
+        ) from None
     schema["title"] = f"{spec.name} arguments"
     if spec.doc:
         schema["description"] = spec.doc.split("\n\n")[0]

@@ -79,7 +79,7 @@ def task(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F]
     def register(f: F) -> F:
         if not callable(f) or "<locals>" in getattr(f, "__qualname__", "<locals>"):
             raise TypeError("@task takes a module-level function")
-        tname = name or f.__name__
+        tname = f.__name__ if name is None else name  # an empty name is refused, not ignored
         if not tname.isidentifier():
             raise ValueError(f"task name {tname!r} is not an identifier")
         old = _REGISTRY.get(tname)

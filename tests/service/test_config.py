@@ -1,0 +1,263 @@
+"""service.config: flags and environment variables (flags win), defaults, units, refusals that name
+the bad setting, and the CPU count derived from affinity and a (fake) cgroup quota."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import MIB, Config, ConfigError, RateLimit, available_cpus, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def affinity() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# (flag, env var, Config attribute, flag value, env value, expected from the flag, expected from the env)
+SETTINGS = [
+    ("--host", "PROCBRIDGE_HOST", "host", "127.0.0.2", "0.0.0.0", "127.0.0.2", "0.0.0.0"),
+    ("--port", "PROCBRIDGE_PORT", "port", "9001", "9002", 9001, 9002),
+    ("--workers", "PROCBRIDGE_WORKERS", "workers", "3", "5", 3, 5),
+    ("--max-pending", "PROCBRIDGE_MAX_PENDING", "max_pending", "7", "11", 7, 11),
+    ("--task-timeout", "PROCBRIDGE_TASK_TIMEOUT", "task_timeout", "2.5", "9", 2.5, 9.0),
+    ("--max-body", "PROCBRIDGE_MAX_BODY", "max_body", "1MiB", "2048", MIB, 2048),
+    ("--tasks", "PROCBRIDGE_TASKS", "tasks", "a.b, c", "d", ("a.b", "c"), ("d",)),
+    ("--store", "PROCBRIDGE_STORE", "store", "/tmp/x.db", "redis://localhost:6379/0", "/tmp/x.db",
+     "redis://localhost:6379/0"),
+    ("--executor", "PROCBRIDGE_EXECUTOR", "executor", "dask://sched:8786", "local", "dask://sched:8786", "local"),
+    ("--api-keys", "PROCBRIDGE_API_KEYS", "api_keys", "a,b", "c", ("a", "b"), ("c",)),
+    ("--rate-limit", "PROCBRIDGE_RATE_LIMIT", "rate_limit", "20/s", "600/min", RateLimit(20, 1), RateLimit(600, 60)),
+    ("--shutdown-grace", "PROCBRIDGE_SHUTDOWN_GRACE", "shutdown_grace", "3", "0", 3.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("flag", "var", "attr", "flag_value", "env_value", "from_flag", "from_env"), SETTINGS)
+def test_every_flag_has_an_env_var_and_flags_win(flag, var, attr, flag_value, env_value, from_flag, from_env):
+    assert getattr(load([], {var: env_value}), attr) == from_env
+    assert getattr(load([flag, flag_value], {}), attr) == from_flag
+    assert getattr(load([flag, flag_value], {var: env_value}), attr) == from_flag
+
+
+def test_boolean_flag_wins_over_env():
+    assert load([], {"PROCBRIDGE_DEBUG": "true"}).debug is True
+    assert load([], {"PROCBRIDGE_DEBUG": "0"}).debug is False
+    assert load(["--debug"], {"PROCBRIDGE_DEBUG": "false"}).debug is True
+
+
+def test_defaults():
+    config = load([], {})
+    assert config.host == "127.0.0.1"
+    assert config.port == 8080
+    assert config.workers == available_cpus()
+    assert config.workers >= 1
+    assert config.max_pending == 4 * config.workers
+    assert config.task_timeout == 60
+    assert config.max_body == 64 * MIB
+    assert config.tasks == ()
+    assert config.store == "./procbridge.db"
+    assert config.executor == "local"
+    assert config.api_keys == ()
+    assert config.rate_limit is None
+    assert config.shutdown_grace == 25
+
+
+def test_max_pending_defaults_to_four_per_worker():
+    assert load(["--workers", "3"], {}).max_pending == 12
+    assert load([], {"PROCBRIDGE_WORKERS": "5"}).max_pending == 20
+    assert load(["--workers", "3", "--max-pending", "1"], {}).max_pending == 1
+    assert Config(workers=3).max_pending == 12  # built directly, as the tests do
+    assert Config(workers=3, max_pending=2).max_pending == 2
+
+
+def test_empty_env_var_counts_as_unset():
+    assert load([], {"PROCBRIDGE_PORT": ""}).port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1MiB", MIB), ("1 MiB", MIB), ("512KiB", 512 * 1024), ("2GiB", 2 * 1024**3), ("10MB", 10 * 1000**2),
+     ("1kb", 1000), ("4096", 4096), ("1.5KiB", 1536)],
+)
+def test_sizes_take_units(text, size):
+    assert load(["--max-body", text], {}).max_body == size
+
+
+def test_api_keys_from_a_list_or_a_file(tmp_path):
+    assert load(["--api-keys", " a , b ,"], {}).api_keys == ("a", "b")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# operators\nfirst\n\n  second  \n")
+    assert load(["--api-keys", f"@{keys}"], {}).api_keys == ("first", "second")
+    assert load([], {"PROCBRIDGE_API_KEYS": f"@{keys}"}).api_keys == ("first", "second")
+
+
+def test_rate_limits():
+    per_second = load(["--rate-limit", "20/s"], {}).rate_limit
+    assert per_second == RateLimit(20, 1)
+    assert per_second.rate == 20
+    per_minute = load(["--rate-limit", "600/min"], {}).rate_limit
+    assert per_minute.rate == pytest.approx(10)
+    assert load(["--rate-limit", "1000/h"], {}).rate_limit.rate == pytest.approx(1000 / 3600)
+    assert load(["--rate-limit", "5/10s"], {}).rate_limit.rate == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--port", "99999"], {}, "--port"),
+        (["--port", "bad"], {}, "--port"),
+        ([], {"PROCBRIDGE_PORT": "-1"}, "PROCBRIDGE_PORT"),
+        ([], {"PROCBRIDGE_WORKERS": "0"}, "PROCBRIDGE_WORKERS"),
+        (["--workers", "two"], {}, "--workers"),
+        (["--task-timeout", "-1"], {}, "--task-timeout"),
+        (["--task-timeout", "0"], {}, "--task-timeout"),
+        ([], {"PROCBRIDGE_TASK_TIMEOUT": "inf"}, "PROCBRIDGE_TASK_TIMEOUT"),
+        (["--shutdown-grace", "-2"], {}, "--shutdown-grace"),
+        (["--max-pending", "-3"], {}, "--max-pending"),
+        (["--max-pending", "0"], {}, "--max-pending"),
+        (["--max-body", "lots"], {}, "--max-body"),
+        (["--max-body", "5 parsecs"], {}, "--max-body"),
+        (["--max-body", "0"], {}, "--max-body"),
+        ([], {"PROCBRIDGE_MAX_BODY": "-1"}, "PROCBRIDGE_MAX_BODY"),
+        (["--executor", "foo"], {}, "--executor"),
+        (["--executor", "dask://nohost"], {}, "--executor"),
+        (["--rate-limit", "x"], {}, "--rate-limit"),
+        (["--rate-limit", "0/s"], {}, "--rate-limit"),
+        (["--rate-limit", "10/fortnight"], {}, "--rate-limit"),
+        (["--rate-limit", "10/0s"], {}, "--rate-limit"),
+        ([], {"PROCBRIDGE_RATE_LIMIT": "lots"}, "PROCBRIDGE_RATE_LIMIT"),
+        (["--api-keys", " , "], {}, "--api-keys"),
+        (["--api-keys", "@/nonexistent/procbridge-keys"], {}, "--api-keys"),
+        (["--store", "ftp://somewhere"], {}, "--store"),
+        (["--tasks", "not a module"], {}, "--tasks"),
+        (["--host", "bad host"], {}, "--host"),
+        ([], {"PROCBRIDGE_DEBUG": "maybe"}, "PROCBRIDGE_DEBUG"),
+        (["--log-level", "loud"], {}, "--log-level"),
+    ],
+)
+def test_bad_values_name_the_flag_or_variable(argv, env, named):
+    with pytest.raises(ConfigError) as info:
+        load(argv, env)
+    message = str(info.value)
+    assert message.startswith(named + "=")
+    assert "invalid literal" not in message  # a sentence for people, not Python's parse error
+    assert message.split(": ", 1)[1].strip()  # and says what is wrong with it
+
+
+def test_flag_wins_even_when_the_env_value_is_bad():
+    assert load(["--port", "9000"], {"PROCBRIDGE_PORT": "junk"}).port == 9000
+
+
+# -- the CPU count ---------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def cgroup(tmp_path):
+    """A fake cgroup mount and a fake /proc/self/cgroup saying we sit at the root."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text("0::/\n")
+    return root, proc
+
+
+def test_v2_quota_caps_the_count(cgroup):
+    root, proc = cgroup
+    write(root / "cpu.max", "200000 100000\n")
+    assert available_cpus(root, str(proc)) == min(affinity(), 2)
+
+
+def test_v2_single_cpu_quota(cgroup):
+    root, proc = cgroup
+    write(root / "cpu.max", "100000 100000\n")
+    assert available_cpus(root, str(proc)) == 1
+
+
+def test_v2_fractional_quota_rounds_up(cgroup):
+    root, proc = cgroup
+    write(root / "cpu.max", "150000 100000\n")
+    assert available_cpus(root, str(proc)) == min(affinity(), 2)
+    write(root / "cpu.max", "10000 100000\n")  # a tenth of a CPU still gets one worker
+    assert available_cpus(root, str(proc)) == 1
+
+
+def test_v2_no_limit_is_the_affinity_count(cgroup):
+    root, proc = cgroup
+    write(root / "cpu.max", "max 100000\n")
+    assert available_cpus(root, str(proc)) == affinity()
+
+
+def test_no_cgroup_files_at_all(tmp_path):
+    assert available_cpus(tmp_path / "missing", str(tmp_path / "missing-proc")) == affinity()
+
+
+def test_v2_nested_cgroup_from_proc_self_cgroup(cgroup):
+    root, proc = cgroup
+    proc.write_text("0::/kubepods/pod1\n")
+    write(root / "kubepods" / "pod1" / "cpu.max", "100000 100000\n")
+    assert available_cpus(root, str(proc)) == 1
+
+
+def test_v2_parent_limit_applies_to_an_unlimited_child(cgroup):
+    root, proc = cgroup
+    proc.write_text("0::/kubepods/pod1\n")
+    write(root / "kubepods" / "cpu.max", "100000 100000\n")
+    write(root / "kubepods" / "pod1" / "cpu.max", "max 100000\n")
+    assert available_cpus(root, str(proc)) == 1
+
+
+def test_v2_nested_path_missing_falls_back_to_the_mount_root(cgroup):
+    root, proc = cgroup
+    proc.write_text("0::/docker/abc123\n")  # no cgroup namespace: our path is not under this mount
+    write(root / "cpu.max", "100000 100000\n")
+    assert available_cpus(root, str(proc)) == 1
+
+
+def test_v1_cfs_quota(cgroup):
+    root, proc = cgroup
+    proc.write_text("12:cpu,cpuacct:/\n11:memory:/\n")
+    write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "100000\n")
+    write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    assert available_cpus(root, str(proc)) == 1
+
+
+def test_v1_fractional_and_nested(cgroup):
+    root, proc = cgroup
+    proc.write_text("4:cpu,cpuacct:/docker/abc\n")
+    write(root / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us", "150000\n")
+    write(root / "cpu" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    assert available_cpus(root, str(proc)) == min(affinity(), 2)
+
+
+def test_v1_quota_minus_one_is_no_limit(cgroup):
+    root, proc = cgroup
+    proc.write_text("4:cpu,cpuacct:/\n")
+    write(root / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    write(root / "cpu" / "cpu.cfs_period_us", "100000\n")
+    assert available_cpus(root, str(proc)) == affinity()
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def test_serve_with_a_bad_flag_exits_with_a_message_and_no_traceback():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", "bad"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--port" in done.stderr
+    assert "port number" in done.stderr  # says what a good value is
+    assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.stdout
