@@ -25,6 +25,24 @@ log = logging.getLogger("procbridge")
 
 
 async def serve(config: Config) -> None:
+    # Take SIGTERM/SIGINT over before anything starts: one arriving while the pool starts would
+    # otherwise kill the service by signal (orphaned workers, a leaked /dev/shm segment) or, as a
+    # KeyboardInterrupt, leave it hung waiting for a forkserver its live workers keep open. Here
+    # it drains as soon as the start-up is over instead.
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            log.warning("%s again: skipping the rest of the grace period", signame)
+            hurry.set()
+        else:
+            log.info("%s: draining (grace %g s)", signame, config.shutdown_grace)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
     app = create_app(config)
     runner = web.AppRunner(
         app,
@@ -43,20 +61,6 @@ async def serve(config: Config) -> None:
         if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
             log.warning("listening on %s without API keys: anyone who can reach it can run tasks", config.host)
 
-        stop = asyncio.Event()
-        hurry = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal(signame: str) -> None:
-            if stop.is_set():
-                log.warning("%s again: skipping the rest of the grace period", signame)
-                hurry.set()
-            else:
-                log.info("%s: draining (grace %g s)", signame, config.shutdown_grace)
-                stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig.name)
         await stop.wait()
         service = app[SERVICE]
         service.draining = True
