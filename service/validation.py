@@ -44,7 +44,7 @@ def _fields(spec: TaskSpec, *, skip_bytes: bool) -> dict[str, Any]:
         if pname == spec.bytes_param:
             if skip_bytes:
                 continue
-            annotation = str
+            annotation = str | None if spec.bytes_param_optional else str
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[pname] = (annotation, default)
     return fields

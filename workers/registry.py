@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,18 +46,38 @@ class TaskSpec:
     def bytes_param(self) -> str | None:
         """The parameter that receives a binary request body, if the task has one."""
         for pname in self.signature.parameters:
-            if _strip_annotated(self.hints.get(pname)) in (bytes, memoryview, bytearray):
+            if _strip_optional(_strip_annotated(self.hints.get(pname))) in _BINARY:
                 return pname
         return None
 
     @functools.cached_property
+    def bytes_param_optional(self) -> bool:
+        """Whether the bytes parameter also accepts None (`bytes | None`)."""
+        if self.bytes_param is None:
+            return False
+        tp = _strip_annotated(self.hints.get(self.bytes_param))
+        return _strip_optional(tp) is not tp
+
+    @functools.cached_property
     def returns_bytes(self) -> bool:
-        return _strip_annotated(self.hints.get("return")) in (bytes, memoryview, bytearray)
+        return _strip_annotated(self.hints.get("return")) in _BINARY
+
+
+_BINARY = (bytes, memoryview, bytearray)
 
 
 def _strip_annotated(tp: Any) -> Any:
     while typing.get_origin(tp) is typing.Annotated:
         tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _strip_optional(tp: Any) -> Any:
+    """`X | None` -> X; anything else unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
     return tp
 
 

@@ -248,6 +248,11 @@ def blob_task(blob: bytes, tag: str | None = None, count: int = 0) -> bytes:
 @task
 def pbtest_shapes(points: list[Point], origin: Point | None = None) -> int:
     return len(points)
+
+
+@task
+def pbtest_maybe_blob(data: bytes | None = None, salt: int = 0) -> str:
+    return "none" if data is None else str(len(data))
 '''
 
 
@@ -263,7 +268,9 @@ def user_catalog(tmp_path_factory) -> Any:
 
 
 def test_user_module_is_loaded_beside_the_builtins(user_catalog):
-    assert {e.name for e in user_catalog} == BUILTINS | {"pbtest_mixed", "pbtest_blob", "pbtest_shapes"}
+    assert {e.name for e in user_catalog} == BUILTINS | {
+        "pbtest_mixed", "pbtest_blob", "pbtest_shapes", "pbtest_maybe_blob"
+    }
     # a catalog without the module does not show its tasks, though the registry holds them
     assert "pbtest_mixed" not in {e.name for e in TaskCatalog(registry.load(()))}
 
@@ -444,3 +451,12 @@ def test_nested_function_is_refused(isolated_registry):
 def test_lambda_is_refused(isolated_registry):
     with pytest.raises(TypeError):
         task(name="pbtest_lambda")(lambda n: n)
+
+
+def test_optional_bytes_parameter_is_the_binary_parameter(user_catalog):
+    entry = user_catalog.get("pbtest_maybe_blob")
+    assert entry.spec.bytes_param == "data"
+    assert {"type": "null"} in entry.schema["properties"]["data"]["anyOf"]
+    assert user_catalog.validate_json(entry, {"data": "hé"}) == {"data": "hé".encode(), "salt": 0}
+    assert user_catalog.validate_json(entry, {"data": None}) == {"data": None, "salt": 0}
+    assert user_catalog.validate_binary(entry, {"salt": "2"}, b"xy") == {"data": b"xy", "salt": 2}
