@@ -13,12 +13,25 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 HEADER = struct.Struct("!Q")
 _CHUNK = 256 * 1024
 _BIG = 1024 * 1024  # frames at least this large are received in place, without re-buffering
 _MAX_READS = 64  # reads per callback, so one chatty worker cannot hold the loop
+
+
+class BadFrame(NamedTuple):
+    """Stands in for a frame that would not unpickle: the reader skips it and stays in step."""
+
+    error: str
+
+
+def _loads(data: Any) -> Any:
+    try:
+        return pickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001 - whatever the bytes do, the reader and the loop go on
+        return BadFrame(f"{type(exc).__name__}: {exc}")
 
 
 def dumps(obj: Any) -> tuple[bytes, bytes]:
@@ -46,7 +59,7 @@ class FrameReader:
                         return out, True
                     self._got += n
                     if self._got == len(self._big):
-                        out.append(pickle.loads(self._big))
+                        out.append(_loads(self._big))
                         self._big = None
                     continue
                 chunk = sock.recv(_CHUNK)
@@ -68,7 +81,7 @@ class FrameReader:
             start = pos + HEADER.size
             if len(buf) - start >= size:
                 with memoryview(buf) as view:
-                    out.append(pickle.loads(view[start : start + size]))
+                    out.append(_loads(view[start : start + size]))
                 pos = start + size
             elif size >= _BIG:
                 big = bytearray(size)

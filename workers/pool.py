@@ -11,14 +11,15 @@ queues without bound. This pool instead:
 - keeps a small in-flight window per worker, refilled straight from the read callback, and
   pipelines only calls that are known to be short, so a long task never holds a short one back;
 - watches each worker's death through its process sentinel: the call that was running fails
-  (WorkerCrashed), the calls that had not started move to another worker, a replacement starts,
-  and a task that keeps crashing workers meets an exponential back-off instead of a spin;
+  (WorkerCrashed) at once, the calls that had not started move to another worker, a replacement
+  starts, and a task that keeps crashing workers meets an exponential back-off instead of a spin;
 - enforces timeouts from the start time each worker writes in the shared-memory table, by killing
-  the worker (the only way to stop arbitrary Python code) and replacing it;
+  the worker (the only way to stop arbitrary Python code) and replacing it; with a memory limit,
+  a worker whose RSS passes twice the limit in the middle of a task is killed the same way;
 - refuses work beyond `max_pending` waiting calls at once (Overloaded), never buffers without bound.
 
-Everything on the loop is a short non-blocking step; process start and reaping, which can block for
-a few milliseconds inside multiprocessing, run on one small helper thread.
+Everything on the loop is a short non-blocking step; process start, which can block for a few
+milliseconds inside multiprocessing, and the final stop run on one small helper thread.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any, NamedTuple
 from workers import framing
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
-from workers.worker import ERROR, KIND_FUNCTION, KIND_TASK, OK, OK_JSON, READY, WorkerOptions
+from workers.worker import ERROR, KIND_FUNCTION, KIND_TASK, OK_JSON, OK_PICKLED, READY, RETIRE, WorkerOptions, rss_of
 from workers.worker import main as worker_main
 
 log = logging.getLogger("procbridge.pool")
@@ -54,6 +55,8 @@ _TICK = 0.05  # supervision period: timeouts are enforced within this of their d
 _SHORT = 0.002  # calls whose task averages under this may be pipelined behind another
 _CRASH_WINDOW = 10.0
 _IOV_MAX = 512
+_MEMORY_CEILING = 2  # a running task is killed once its worker's RSS passes this × max_worker_memory
+_DRAIN_READS = 1024  # bound on reads of a dead worker's socket (it holds at most its buffer)
 
 
 class Outcome(NamedTuple):
@@ -73,7 +76,7 @@ class PoolOptions:
     max_pending: int = 0  # 0: four per worker
     task_timeout: float = 60.0
     max_tasks_per_worker: int = 0
-    max_worker_memory: int = 0
+    max_worker_memory: int = 0  # bytes of RSS: recycle between tasks past it, kill mid-task past twice it
     nice: int = 10
     window: int = 3
     start_timeout: float = 60.0
@@ -85,38 +88,35 @@ Waiter = asyncio.Future[Outcome] | cf.Future[Any]
 
 
 class _Call:
-    __slots__ = ("args", "encode", "id", "kind", "kwargs", "name", "target", "timeout", "waiter", "worker")
+    __slots__ = ("encode", "id", "kind", "name", "payload", "timeout", "waiter", "worker")
 
     def __init__(
         self,
         call_id: int,
         kind: int,
-        target: Any,
         name: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        payload: Any,
         encode: bool,
         timeout: float | None,
         waiter: Waiter,
     ) -> None:
         self.id = call_id
         self.kind = kind
-        self.target = target
         self.name = name
-        self.args = args
-        self.kwargs = kwargs
+        self.payload = payload  # KIND_TASK: the kwargs; KIND_FUNCTION: pickled (fn, args, kwargs)
         self.encode = encode
         self.timeout = timeout
         self.waiter = waiter
         self.worker: _Worker | None = None
 
     def message(self) -> tuple[Any, ...]:
-        return (self.id, self.kind, self.target, self.args, self.kwargs, self.encode)
+        return (self.id, self.kind, self.name, self.payload, self.encode)
 
 
 class _Worker:
     __slots__ = (
-        "dying", "eof", "idle", "inflight", "outbox", "pid", "proc", "reader", "ready", "slot", "sock", "wbuf",
+        "done", "dying", "eof", "idle", "inflight", "outbox", "overdue", "pid", "proc", "reader", "ready", "slot",
+        "sock", "wbuf",
     )
 
     def __init__(self, slot: int, proc: BaseProcess, sock: socket.socket) -> None:
@@ -125,9 +125,11 @@ class _Worker:
         self.pid: int = proc.pid or 0
         self.sock = sock
         self.reader = framing.FrameReader()
-        self.inflight: deque[_Call] = deque()
+        self.inflight: deque[_Call] = deque()  # in the order the worker runs them
         self.outbox: list[tuple[Any, ...]] = []
         self.wbuf: deque[memoryview] = deque()
+        self.done = 0  # results received: with the table's tasks_done, tells which results a death lost
+        self.overdue: tuple[int, float] | None = None  # (call id, start) a tick found past its deadline
         self.ready = False
         self.idle = False
         self.eof = False
@@ -148,6 +150,14 @@ def _settle(waiter: Waiter, value: Any = None, error: BaseException | None = Non
     return True
 
 
+def _claim(call: _Call) -> bool:
+    """True if the call may still go to a worker (its caller has not given up on it)."""
+    waiter = call.waiter
+    if isinstance(waiter, cf.Future):
+        return waiter.set_running_or_notify_cancel()
+    return not waiter.done()
+
+
 class WorkerPool(cf.Executor):
     """A supervised pool of worker processes. Create, `await start()`, use, `await aclose()`."""
 
@@ -164,6 +174,7 @@ class WorkerPool(cf.Executor):
         self._table: WorkerTable | None = None
         self._spawner = cf.ThreadPoolExecutor(1, thread_name_prefix="procbridge-spawn")
         self._workers: list[_Worker | None] = [None] * self.size
+        self._starting: dict[int, tuple[BaseProcess, socket.socket]] = {}
         self._idle: list[_Worker] = []
         self._queue: deque[_Call] = deque()
         self._dirty: list[_Worker] = []
@@ -175,6 +186,7 @@ class WorkerPool(cf.Executor):
         self._quiet: asyncio.Event | None = None
         self._started: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._close_task: asyncio.Future[None] | None = None
         self._closing = False
         self._closed = False
 
@@ -206,19 +218,26 @@ class WorkerPool(cf.Executor):
         self._tick_handle = self._loop.call_later(_TICK, self._tick)
 
     async def drain(self, grace: float) -> None:
-        """Take no new calls, let the admitted ones finish for up to `grace` seconds, then close."""
+        """Take no new calls, let the admitted ones finish for up to `grace` seconds, then close
+        (calls still running then are killed and get PoolClosed)."""
         self._closing = True
-        assert self._quiet is not None
-        if not self._is_quiet():
+        if self._quiet is not None and not self._is_quiet():
             self._quiet.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._quiet.wait(), grace)
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop every worker (killing those still busy), fail what is left, free the table."""
-        if self._closed:
-            return
+        """Stop every worker (killing those still busy), fail what is left, free the table.
+
+        Safe to call more than once and from several tasks: all of them wait for the one close,
+        and cancelling a caller does not cut the close short.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         self._closing = self._closed = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -233,19 +252,28 @@ class WorkerPool(cf.Executor):
                 _settle(call.waiter, error=PoolClosed())
             w.dying = w.dying or "shutdown"
             busy = bool(w.inflight)
+            w.inflight.clear()
             self._detach(w)  # closing our end tells an idle worker to exit
             if busy:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.pid, signal.SIGKILL)
+                _kill_tree(w.pid)
             procs.append(w.proc)
+        for proc, parent in self._starting.values():  # still inside proc.start(): stopped right after it
+            parent.close()
+            procs.append(proc)
+        self._starting.clear()
         self._workers = [None] * self.size
+        self._idle.clear()
         for task in list(self._tasks):
             task.cancel()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._spawner, _stop_processes, procs, 2.0)
+        if self._loop is not None:
+            # The spawner runs one thing at a time, so any proc.start() in progress finishes first.
+            await self._loop.run_in_executor(self._spawner, _stop_processes, procs, 2.0)
         self._spawner.shutdown(wait=False)
         if self._table is not None:
             self._table.close()
+            self._table = None
+        if self._quiet is not None:
+            self._quiet.set()
 
     # -- calling --------------------------------------------------------------------------------
 
@@ -254,13 +282,14 @@ class WorkerPool(cf.Executor):
     ) -> Outcome:
         """Run a registered task in a worker; the loop-native path (no concurrent.futures layer).
 
-        Raises TaskFailed, WorkerCrashed, TaskTimeout, Overloaded or PoolClosed. Cancelling the
-        awaiting coroutine drops the call if no worker has taken it yet.
+        `kwargs` must be plain data (what JSON decodes to, and bytes). Raises TaskFailed,
+        WorkerCrashed, TaskTimeout, Overloaded or PoolClosed. Cancelling the awaiting coroutine
+        drops the call if no worker has taken it yet (and, with cancel_running, stops it if it runs).
         """
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
         call = _Call(
-            next(self._ids), KIND_TASK, task, task, (), kwargs, encode_json,
+            next(self._ids), KIND_TASK, task, kwargs, encode_json,
             timeout if timeout is not None else self.options.task_timeout, waiter,
         )
         self._admit(call)
@@ -271,14 +300,24 @@ class WorkerPool(cf.Executor):
             raise
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        """Executor API: run a picklable module-level function in a worker (run_in_executor uses this)."""
+        """Executor API: run a picklable module-level function in a worker (run_in_executor uses this).
+
+        The future gets the function's return value, or TaskFailed, WorkerCrashed, TaskTimeout,
+        Overloaded or PoolClosed. The function and its arguments are pickled here, in the caller's
+        thread, so one that cannot be sent fails its own future only.
+        """
         future: cf.Future[Any] = cf.Future()
         if self._loop is None:
             raise RuntimeError("start() the pool before submitting work")
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        name = getattr(fn, "__qualname__", "function")
-        call = _Call(next(self._ids), KIND_FUNCTION, fn, name, args, kwargs, False, self.options.task_timeout, future)
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        try:
+            blob = pickle.dumps((fn, args, kwargs), protocol=5)
+        except Exception as exc:  # noqa: BLE001 - a lambda, a lock...: this call fails, nothing else
+            future.set_exception(TaskFailed(type(exc).__name__, f"the call cannot be sent to a worker: {exc}"))
+            return future
+        call = _Call(next(self._ids), KIND_FUNCTION, name, blob, False, self.options.task_timeout, future)
         if threading.get_ident() == self._loop_thread:
             self._admit_or_fail(call)
         else:
@@ -311,6 +350,14 @@ class WorkerPool(cf.Executor):
     def closing(self) -> bool:
         return self._closing
 
+    def pids(self) -> list[int]:
+        """Pids of the worker processes the pool holds now (started, not yet seen to exit)."""
+        return [w.pid for w in self._workers if w is not None]
+
+    def inflight(self) -> dict[int, int]:
+        """Calls handed to each worker and not answered yet (pid -> count, the running one included)."""
+        return {w.pid: len(w.inflight) for w in self._workers if w is not None}
+
     def rows(self) -> list[WorkerRow]:
         """The shared-memory table as the workers last wrote it, one row per slot."""
         return self._table.rows() if self._table is not None and not self._closed else []
@@ -318,6 +365,8 @@ class WorkerPool(cf.Executor):
     # -- admission and dispatch -----------------------------------------------------------------
 
     def _admit_or_fail(self, call: _Call) -> None:
+        if call.waiter.done():
+            return  # cancelled before it reached the loop
         try:
             self._admit(call)
         except Exception as exc:  # noqa: BLE001 - Overloaded/PoolClosed go to the caller's future
@@ -331,12 +380,16 @@ class WorkerPool(cf.Executor):
                 w = self._idle.pop()
                 w.idle = False
                 if w.ready and not w.dying and not w.inflight:
-                    self._assign(w, call)
+                    if _claim(call):
+                        self._assign(w, call)
+                    else:
+                        self._park(w)
                     return
             if self._short(call.name):
                 for candidate in self._workers:
                     if candidate is not None and self._can_pipeline(candidate):
-                        self._assign(candidate, call)
+                        if _claim(call):
+                            self._assign(candidate, call)
                         return
         if len(self._queue) >= self.max_pending:
             raise Overloaded(len(self._queue))
@@ -363,6 +416,11 @@ class WorkerPool(cf.Executor):
                 assert self._loop is not None
                 self._flush_handle = self._loop.call_soon(self._flush)
 
+    def _park(self, w: _Worker) -> None:
+        if not w.idle and not w.inflight and w.ready and not w.dying:
+            w.idle = True
+            self._idle.append(w)
+
     def _refill(self, w: _Worker) -> None:
         """Top up a worker's window from the queue; park it as idle if there is nothing to do."""
         if not w.ready or w.dying:
@@ -372,14 +430,10 @@ class WorkerPool(cf.Executor):
             if w.inflight and not (self._can_pipeline(w) and self._short(queue[0].name)):
                 break
             call = queue.popleft()
-            if call.waiter.done():
-                continue  # its caller went away while it waited
-            if isinstance(call.waiter, cf.Future) and not call.waiter.set_running_or_notify_cancel():
-                continue
-            self._assign(w, call)
-        if not w.inflight and not w.idle:
-            w.idle = True
-            self._idle.append(w)
+            if _claim(call):
+                self._assign(w, call)
+            # else: its caller went away while it waited
+        self._park(w)
         self._check_quiet()
 
     def _pump(self) -> None:
@@ -401,7 +455,8 @@ class WorkerPool(cf.Executor):
             self._kill(w, "cancelled")
 
     def _running_call(self, w: _Worker) -> int | None:
-        assert self._table is not None
+        if self._table is None:
+            return None
         row = self._table.read(w.slot)
         return row.call_id if row.state == BUSY and row.pid == w.pid else None
 
@@ -413,7 +468,7 @@ class WorkerPool(cf.Executor):
         for w in dirty:
             messages, w.outbox = w.outbox, []
             if w.dying or not messages:
-                continue
+                continue  # calls in a dying worker's window are re-queued when its death is seen
             try:
                 header, payload = framing.dumps(messages)
             except Exception:  # noqa: BLE001 - an argument that will not pickle fails its own call only
@@ -430,6 +485,9 @@ class WorkerPool(cf.Executor):
                 for call in [c for c in w.inflight if c.id == message[0]]:
                     w.inflight.remove(call)
                     _settle(call.waiter, error=TaskFailed(type(exc).__name__, f"arguments cannot be sent: {exc}"))
+        if not w.inflight:
+            self._park(w)
+            self._check_quiet()
         return framing.dumps(good)
 
     def _write(self, w: _Worker, header: bytes, payload: bytes) -> None:
@@ -481,23 +539,46 @@ class WorkerPool(cf.Executor):
             self._refill(w)
 
     def _on_frame(self, w: _Worker, frame: Any) -> None:
-        if frame == READY:
-            w.ready = True
-            if self._started is not None and all(x is not None and x.ready for x in self._workers):
-                self._started.set()
-            self._refill(w)
-            self._pump()
+        if type(frame) is not list:
+            if frame == READY:
+                w.ready = True
+                if self._started is not None and all(x is not None and x.ready for x in self._workers):
+                    self._started.set()
+                self._refill(w)
+                self._pump()
+            else:  # framing.BadFrame: the stream cannot be trusted any more
+                log.error("worker %d sent a frame the service cannot decode: %s", w.pid, frame)
+                self._kill(w, "crashed")
             return
         averages = self._averages
         for call_id, status, payload, elapsed in frame:
+            if status == RETIRE:  # it will exit once this frame is out: send it nothing more
+                w.dying = w.dying or RETIRE_REASONS.get(payload, "retired")
+                if w.idle:
+                    w.idle = False
+                    with contextlib.suppress(ValueError):
+                        self._idle.remove(w)
+                continue
+            w.done += 1
             call = self._pop_call(w, call_id)
             if call is None:
                 continue
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
-            if status in (OK, OK_JSON):
-                _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON))
-            elif status == ERROR:
+            if status == ERROR:
                 _settle(call.waiter, error=TaskFailed(*payload))
+                continue
+            if status == OK_PICKLED:
+                try:
+                    payload = pickle.loads(payload)
+                except BaseException as exc:  # noqa: BLE001 - not even SystemExit may escape into the loop
+                    _settle(call.waiter, error=TaskFailed(
+                        type(exc).__name__, f"the task's result cannot be decoded by the service: {exc}"
+                    ))
+                    continue
+            if call.kind == KIND_FUNCTION:
+                _settle(call.waiter, payload)
+            else:
+                _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON))
 
     @staticmethod
     def _pop_call(w: _Worker, call_id: int) -> _Call | None:
@@ -512,80 +593,114 @@ class WorkerPool(cf.Executor):
     # -- supervision ----------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        """Enforce timeouts from the start times the workers wrote; runs every _TICK seconds."""
-        assert self._loop is not None and self._table is not None
-        now = time.monotonic()
-        for w in self._workers:
-            if w is None or w.dying or not w.inflight:
-                continue
-            row = self._table.read(w.slot)
-            if row.state != BUSY or row.pid != w.pid:
-                continue
-            for call in w.inflight:
-                if call.id == row.call_id:
-                    if call.timeout is not None and now - row.started_at > call.timeout:
-                        _settle(call.waiter, error=TaskTimeout(call.timeout))
-                        self._kill(w, "timeout")
-                    break
-        self._tick_handle = self._loop.call_later(_TICK, self._tick)
+        """Enforce timeouts from the start times the workers wrote, and the memory ceiling of
+        running tasks; runs every _TICK seconds."""
+        try:
+            if self._table is None:
+                return
+            now = time.monotonic()
+            ceiling = _MEMORY_CEILING * self.options.max_worker_memory
+            for w in self._workers:
+                if w is None or w.dying or not w.inflight:
+                    continue
+                row = self._table.read(w.slot)
+                if row.state != BUSY or row.pid != w.pid:
+                    continue
+                for call in w.inflight:
+                    if call.id == row.call_id:
+                        if call.timeout is not None and row.started_at > 0 and now - row.started_at > call.timeout:
+                            # A row read while its worker rewrites it can mix fields of two states (the
+                            # next call's id, the previous start): act only when two ticks agree.
+                            seen = (row.call_id, row.started_at)
+                            if w.overdue == seen:
+                                _settle(call.waiter, error=TaskTimeout(call.timeout))
+                                self._kill(w, "timeout")
+                            w.overdue = seen
+                        break
+                if ceiling and not w.dying and rss_of(w.pid) > ceiling:
+                    self._kill(w, "max_memory")  # its call gets WorkerCrashed when the death is seen
+        finally:
+            if not self._closed and self._loop is not None:
+                self._tick_handle = self._loop.call_later(_TICK, self._tick)
 
     def _kill(self, w: _Worker, reason: str) -> None:
         if w.dying:
             return
         w.dying = reason
+        if w.idle:
+            w.idle = False
+            with contextlib.suppress(ValueError):
+                self._idle.remove(w)
         log.warning("stopping worker %d (%s)", w.pid, reason)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(w.pid, signal.SIGKILL)
+        with contextlib.suppress(ValueError, OSError):
+            if w.proc.exitcode is not None:
+                return  # already gone (and reaped): its pid may not be ours any more
+        _kill_tree(w.pid)
 
     def _on_exit(self, w: _Worker) -> None:
-        """The worker's process sentinel fired: it is gone. Settle its calls and replace it."""
+        """The worker's process sentinel fired: it is gone. Settle its calls, re-queue the ones it
+        never started, and start its replacement: all in this one callback, no waiting."""
         assert self._loop is not None and self._table is not None
-        self._loop.remove_reader(w.proc.sentinel)
-        w.dying = w.dying or "crashed"
-        if not w.eof:
-            self._on_readable(w)  # results it sent before dying still count
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(w.proc.sentinel)
+        reason = w.dying or "crashed"
+        w.dying = reason
+        for _ in range(_DRAIN_READS):  # results it sent before dying still count
+            if w.eof:
+                break
+            self._on_readable(w)
         row = self._table.read(w.slot)
+        mine = row.pid == w.pid
+        if reason == "crashed" and mine and row.state == RETIRING:
+            reason = w.dying = RETIRE_REASONS.get(row.retire_reason, "retired")
         self._detach(w)
-        self._workers[w.slot] = None
-        if w in self._idle:
-            self._idle.remove(w)
-        running = row.call_id if row.state == BUSY and row.pid == w.pid else None
-        if w.dying == "crashed" and row.state == RETIRING and row.pid == w.pid:
-            w.dying = RETIRE_REASONS.get(row.retire_reason, "retired")
-        self.restarts[w.dying] += 1
-        if self._started is not None and not self._started.is_set():
-            self._started.set()  # a death during start-up: start() reports it
-        self._spawn_task(self._replace(w, running))
-
-    async def _replace(self, w: _Worker, running: int | None) -> None:
-        loop = asyncio.get_running_loop()
-        exitcode = await loop.run_in_executor(self._spawner, _reap, w.proc)
+        self._table.clear(w.slot)
+        if self._workers[w.slot] is w:
+            self._workers[w.slot] = None
+        if w.idle:
+            w.idle = False
+            with contextlib.suppress(ValueError):
+                self._idle.remove(w)
+        exitcode = _exitcode(w.proc)
+        _kill_group(w.pid)  # whatever the task started in the worker's process group goes with it
+        running = row.call_id if mine and row.state == BUSY else None
+        lost = max(0, row.tasks_done - w.done) if mine else 0  # finished, results never sent
         requeue = []
-        for call in w.inflight:
-            if call.id == running:
+        for i, call in enumerate(w.inflight):
+            if i < lost or call.id == running:
                 if _settle(call.waiter, error=WorkerCrashed(w.pid, exitcode)):
                     log.error("worker %d died running %s (%s)", w.pid, call.name, describe_exit(exitcode))
             elif not call.waiter.done():
                 call.worker = None
                 requeue.append(call)
         w.inflight.clear()
-        self._queue.extendleft(reversed(requeue))
-        if w.dying == "crashed" and running is None:
+        if reason == "crashed" and running is None and not lost:
             log.error("worker %d exited unexpectedly (%s)", w.pid, describe_exit(exitcode))
-        if self._closing:
-            for call in requeue:
-                _settle(call.waiter, error=PoolClosed())
-            self._queue.clear()
-            self._check_quiet()
-            return
-        await asyncio.sleep(self._backoff(w.dying or "crashed"))
-        if not self._closed:
-            await self._spawn(w.slot)
+        self.restarts[reason] += 1
+        if self._started is not None and not self._started.is_set():
+            self._started.set()  # a death during start-up: start() reports it
+        self._release(w.proc)
+        self._queue.extendleft(reversed(requeue))
         self._pump()
+        self._check_quiet()
+        if not self._closed:
+            unplanned = reason == "crashed" or (reason == "max_memory" and running is not None)
+            self._spawn_task(self._respawn(w.slot, self._backoff() if unplanned else 0.0))
 
-    def _backoff(self, reason: str) -> float:
-        if reason != "crashed":
-            return 0.0
+    def _release(self, proc: BaseProcess) -> None:
+        """Free the dead process's handles; its exit code is known, so this does not block."""
+        try:
+            proc.close()
+        except ValueError:  # exit status not in yet (cannot really happen once the sentinel fired)
+            with contextlib.suppress(RuntimeError):
+                self._spawner.submit(_reap, proc)
+
+    async def _respawn(self, slot: int, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        await self._spawn(slot)
+
+    def _backoff(self) -> float:
         now = time.monotonic()
         self._crashes.append(now)
         while self._crashes and now - self._crashes[0] > _CRASH_WINDOW:
@@ -601,6 +716,8 @@ class WorkerPool(cf.Executor):
         return delay
 
     async def _spawn(self, slot: int) -> None:
+        if self._closed:
+            return
         assert self._loop is not None and self._table is not None
         parent, child = socket.socketpair()
         options = WorkerOptions(
@@ -616,9 +733,13 @@ class WorkerPool(cf.Executor):
         proc = self._ctx.Process(
             target=worker_main, args=(child, options), name=f"procbridge-worker-{slot}", daemon=True
         )
+        self._starting[slot] = (proc, parent)  # if the pool closes meanwhile, _close stops it
         try:
             await self._loop.run_in_executor(self._spawner, proc.start)
+        except asyncio.CancelledError:
+            raise
         except Exception:
+            self._starting.pop(slot, None)
             parent.close()
             if self._started is None or not self._started.is_set():
                 raise  # at start-up a failure to start is the caller's to see
@@ -628,13 +749,11 @@ class WorkerPool(cf.Executor):
             return
         finally:
             child.close()
+        if self._closed or self._starting.get(slot, (None,))[0] is not proc:
+            return  # the pool closed while it started: _close has it
+        del self._starting[slot]
         w = _Worker(slot, proc, parent)
         parent.setblocking(False)
-        if self._closed:
-            self._detach(w)
-            procs: list[BaseProcess] = [proc]
-            await self._loop.run_in_executor(self._spawner, _stop_processes, procs, 2.0)
-            return
         self._workers[slot] = w
         self._loop.add_reader(parent.fileno(), self._on_readable, w)
         self._loop.add_reader(proc.sentinel, self._on_exit, w)
@@ -647,6 +766,7 @@ class WorkerPool(cf.Executor):
                 self._loop.remove_reader(fd)
             if w.wbuf:
                 self._loop.remove_writer(fd)
+                w.wbuf.clear()
             w.eof = True
             w.sock.close()
         with contextlib.suppress(ValueError, OSError):
@@ -655,7 +775,12 @@ class WorkerPool(cf.Executor):
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pool housekeeping failed", exc_info=task.exception())
 
     def _is_quiet(self) -> bool:
         return not self._queue and all(w is None or not w.inflight for w in self._workers)
@@ -669,6 +794,32 @@ class WorkerPool(cf.Executor):
             self._quiet.set()
 
 
+def _exitcode(proc: BaseProcess) -> int | None:
+    """The exit code of a process whose sentinel fired (a non-blocking poll), None if unknown."""
+    try:
+        return proc.exitcode
+    except (ValueError, OSError):
+        return None
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a worker and its process group (what its task started); the worker leads the group."""
+    if pid <= 0:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)  # not yet in its own group
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL what is left of a dead worker's process group (never the pid itself: it is reaped)."""
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def _reap(proc: BaseProcess) -> int | None:
     """Wait for a process the sentinel says is gone; return its exit code and release it."""
     proc.join(5.0)
@@ -680,13 +831,17 @@ def _reap(proc: BaseProcess) -> int | None:
 
 def _stop_processes(procs: list[BaseProcess], grace: float) -> None:
     """Wait up to `grace` for workers to exit on their own, then SIGKILL and reap the rest."""
+    started = []
+    for proc in procs:
+        with contextlib.suppress(ValueError):  # closed already
+            if proc.pid is not None:  # None: its start failed or was cancelled
+                started.append(proc)
     deadline = time.monotonic() + grace
-    for proc in procs:
+    for proc in started:
         proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
+    for proc in started:
         if proc.exitcode is None:
-            with contextlib.suppress(ProcessLookupError, TypeError):
-                os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            _kill_tree(proc.pid or 0)
             proc.join(5.0)
         with contextlib.suppress(ValueError):
             proc.close()

@@ -2,9 +2,10 @@
 
 Each worker writes only its own row (state, current call, start time, counters); the service reads
 every row for /v1/workers, /metrics and timeout supervision without asking anyone over a pipe.
-A row is a handful of aligned machine words written with struct.pack_into; a reader may see a row
-mid-update, which costs at most one stale field in a snapshot, never a wrong decision: the pool
-re-checks the call id before it acts on a start time.
+A row is a handful of aligned machine words written with struct.pack_into. A reader may see a row
+mid-update, with fields from before and after the write (say the new call's id with the previous
+start time): fine for a snapshot, never enough for a decision. The pool acts on a start time only
+when two reads a supervision tick apart agree, and reads a dead worker's row only once it is gone.
 """
 
 from __future__ import annotations

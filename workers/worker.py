@@ -4,6 +4,10 @@ Every way a task can end (a value, any exception, SystemExit, KeyboardInterrupt,
 not pickle or encode) becomes one plain result tuple, so the worker lives on and the service only
 ever sees data. Results are coalesced: while the next call is one that usually finishes in well
 under a millisecond, finished results wait (at most ~1 ms) and go back in one frame.
+
+Anything user-defined crosses the socket pickled on its own (an executor call's function and
+arguments, a result that is not a plain scalar), so a call or a result that cannot be decoded on
+the other side fails that call only, never the frame it travels in.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import resource
 import signal
 import socket
 import time
@@ -25,18 +30,23 @@ from workers import registry
 from workers.framing import BlockingFrames, dumps
 from workers.stats import RETIRE_MAX_MEMORY, RETIRE_MAX_TASKS, RowWriter, WorkerTable
 
-# Messages, loop -> worker: a list of calls (call_id, kind, target, args, kwargs, encode_json).
+# Messages, loop -> worker: a list of calls (call_id, kind, name, payload, encode_json).
+# KIND_TASK: payload is the kwargs of the registered task `name` (plain data).
+# KIND_FUNCTION: payload is pickle.dumps((fn, args, kwargs)) of an executor call.
 KIND_TASK, KIND_FUNCTION = 0, 1
 # Messages, worker -> loop: a list of results (call_id, status, payload, elapsed_seconds).
-# OK_JSON: the payload is the value already encoded as JSON bytes (done here, off the loop).
-OK, ERROR, OK_JSON = 0, 1, 2
+# OK: the payload is the value (bytes or a plain scalar). OK_JSON: the value already encoded as JSON
+# bytes (done here, off the loop). OK_PICKLED: the value pickled on its own. ERROR: (type, message,
+# traceback) strings. RETIRE (call id 0, payload the reason): the worker exits after this frame.
+OK, ERROR, OK_JSON, OK_PICKLED, RETIRE = 0, 1, 2, 3, 4
 # A frame holding this marker alone says the worker has finished starting.
 READY = "ready"
 
 _FAST = 0.0005  # a task whose average run is under this is worth coalescing behind
 _COALESCE_FOR = 0.001  # a finished result waits at most this long for company
 _MAX_BATCH = 256
-_MEMORY_CHECK_EVERY = 0.05
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class WorkerOptions:
 def main(sock: socket.socket, options: WorkerOptions) -> None:
     """Entry point of a worker process (started by the pool through the forkserver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the service's to handle, not ours
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # its own process group: a kill takes whatever the task started with it
     if options.nice:
         with contextlib.suppress(OSError):
             os.nice(options.nice)
@@ -62,9 +74,11 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
     row = RowWriter(table, options.slot, os.getpid())
     frames = BlockingFrames(sock)
     row.idle(time.process_time())
-    frames.send(READY)
     try:
+        frames.send(READY)
         _serve(frames, row, options)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the pool closed our socket while we wrote: it is stopping us
     finally:
         del row
         table.close()
@@ -75,7 +89,6 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
     out: list[tuple[Any, ...]] = []
     first_unsent = 0.0
     averages: dict[str, float] = {}
-    next_memory_check = 0.0
     while True:
         if not pending:
             if out:
@@ -87,7 +100,7 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
             pending.extend(batch)
             continue
         call = pending.popleft()
-        name = call[2] if call[1] == KIND_TASK else getattr(call[2], "__qualname__", "function")
+        name = call[2]
         if out and (
             averages.get(name, 1.0) > _FAST
             or time.perf_counter() - first_unsent > _COALESCE_FOR
@@ -95,48 +108,57 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
         ):
             _send(frames, out)
             out = []
-        result = _run(call, name, row)
+        result = _run(call, row)
         averages[name] = 0.8 * averages.get(name, result[3]) + 0.2 * result[3]
         if not out:
             first_unsent = time.perf_counter()
         out.append(result)
-        reason = _retire_reason(row, options, next_memory_check)
-        if options.max_memory and time.perf_counter() >= next_memory_check:
-            next_memory_check = time.perf_counter() + _MEMORY_CHECK_EVERY
+        reason = _retire_reason(row, options)
         if reason:
+            out.append((0, RETIRE, reason, 0.0))
             _send(frames, out)
             row.retire(reason, time.process_time())
             return  # calls still in `pending` were not started: the pool hands them to another worker
 
 
-def _run(call: tuple[Any, ...], name: str, row: RowWriter) -> tuple[Any, ...]:
-    call_id, kind, target, args, kwargs, encode = call
+def _run(call: tuple[Any, ...], row: RowWriter) -> tuple[Any, ...]:
+    call_id, kind, name, payload, encode = call
     row.begin(call_id, name, time.monotonic(), time.process_time())
     start = time.perf_counter()
     try:
-        fn = target if kind == KIND_FUNCTION else _lookup(target)
-        value = fn(*args, **kwargs)
+        if kind == KIND_TASK:
+            value = _lookup(name)(**payload)
+        else:
+            fn, args, kwargs = pickle.loads(payload)
+            value = fn(*args, **kwargs)
+        status, value = _encode(value, encode)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
         status, value = ERROR, describe_exception(exc)
-    else:
-        status, value = _encode(value, encode)
     elapsed = time.perf_counter() - start
     row.end(time.process_time())
     return (call_id, status, value, elapsed)
 
 
 def _encode(value: Any, encode: bool) -> tuple[int, Any]:
-    """Bytes stay bytes; anything else becomes JSON here, off the loop, when the caller asks."""
-    if isinstance(value, bytearray | memoryview):
+    """Bytes stay bytes; anything else becomes JSON here, off the loop, when the caller asks; any
+    other value that is not a plain scalar is pickled on its own (one that will not pickle fails
+    this call only)."""
+    if type(value) is bytes:
+        return OK, value
+    if isinstance(value, bytes | bytearray | memoryview):
         return OK, bytes(value)
-    if not encode or isinstance(value, bytes):
+    if encode:
+        try:
+            return OK_JSON, orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+        except orjson.JSONEncodeError as exc:
+            return ERROR, ("TypeError", f"the task's result is not JSON-serialisable: {exc}", "")
+    if type(value) in _PLAIN:
         return OK, value
     try:
-        return OK_JSON, orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
-    except orjson.JSONEncodeError as exc:
-        return ERROR, ("TypeError", f"the task's result is not JSON-serialisable: {exc}", "")
-
-
+        return OK_PICKLED, pickle.dumps(value, protocol=5)
+    except BaseException as exc:  # noqa: BLE001 - even a __reduce__ that raises SystemExit
+        kind, message, tb = describe_exception(exc)
+        return ERROR, (kind, f"the task's result cannot be sent back: {message}", tb)
 def _lookup(name: str) -> Any:
     spec = registry.get(name)
     if spec is None:
@@ -163,31 +185,46 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str]:
 def _send(frames: BlockingFrames, out: list[tuple[Any, ...]]) -> None:
     try:
         header, payload = dumps(out)
-    except Exception:  # noqa: BLE001 - a result that will not pickle: send the others, fail that one
+    except BaseException:  # noqa: BLE001 - cannot happen for plain data; keep the worker alive anyway
         safe = []
         for result in out:
             try:
                 pickle.dumps(result, protocol=5)
                 safe.append(result)
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 kind, message, tb = describe_exception(exc)
                 safe.append((result[0], ERROR, (kind, f"the result could not be sent back: {message}", tb), result[3]))
         header, payload = dumps(safe)
     frames.send_raw(header, payload)
 
 
-def _retire_reason(row: RowWriter, options: WorkerOptions, next_memory_check: float) -> int:
+def _retire_reason(row: RowWriter, options: WorkerOptions) -> int:
+    """Checked after every task: the task count, and the RSS once the peak RSS passed the limit
+    (getrusage is a cheap syscall; /proc is read only when the peak says it might be over)."""
     if options.max_tasks and row.tasks_done >= options.max_tasks:
         return RETIRE_MAX_TASKS
-    if options.max_memory and time.perf_counter() >= next_memory_check and rss_bytes() > options.max_memory:
+    if (
+        options.max_memory
+        and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > options.max_memory
+        and rss_bytes() > options.max_memory
+    ):
         return RETIRE_MAX_MEMORY
     return 0
 
 
 def rss_bytes() -> int:
     """This process's resident set size, from /proc (one small read; 0 where there is no /proc)."""
+    return _statm_rss("/proc/self/statm")
+
+
+def rss_of(pid: int) -> int:
+    """Another process's resident set size (0 if it is gone or there is no /proc)."""
+    return _statm_rss(f"/proc/{pid}/statm")
+
+
+def _statm_rss(path: str) -> int:
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(path, "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0

@@ -1,0 +1,127 @@
+"""Helpers for the pool tests: run a test on uvloop (the service's loop), open a pool that is
+checked on the way out (no worker pid left, no /dev/shm segment left), and wait for conditions with
+deadlines instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import psutil
+import uvloop
+
+from workers.pool import PoolOptions, WorkerPool
+
+FAULTS = "tests.workers.fault_tasks"
+
+
+def on_uvloop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Turn an async test into a plain one that runs on a fresh uvloop loop (the service's loop).
+
+    pytest sees a plain function with the same parameters, so fixtures still work.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(fn(*args, **kwargs))
+
+    return run
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` is a running (not zombie) process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll `condition` on the loop until it is truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        await asyncio.sleep(0.005)
+
+
+async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
+    """The contents of `path` once a task has written it (a pid, usually)."""
+    text: str = await wait_until(lambda: path.exists() and path.read_text(), timeout, f"{path.name} to be written")
+    return text
+
+
+class PidWatch:
+    """Every worker pid a pool ever showed; `leftovers()` are the ones still running."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.seen: set[int] = set()
+
+    def sample(self) -> list[int]:
+        pids = self.pool.pids()
+        self.seen.update(pids)
+        return pids
+
+    def leftovers(self) -> list[int]:
+        return sorted(pid for pid in self.seen if alive(pid))
+
+
+def shm_path(pool: WorkerPool) -> Path:
+    assert pool._table is not None, "the pool is not started"
+    return Path("/dev/shm") / pool._table.name.lstrip("/")
+
+
+@contextlib.asynccontextmanager
+async def open_pool(workers: int = 2, modules: tuple[str, ...] = (FAULTS,), **options: Any) -> AsyncIterator[
+    tuple[WorkerPool, PidWatch]
+]:
+    """A started pool and its pid watch; on the way out it is closed and must leave nothing behind."""
+    pool = WorkerPool(PoolOptions(workers=workers, modules=modules, **options))
+    await pool.start()
+    watch = PidWatch(pool)
+    watch.sample()
+    segment = shm_path(pool)
+    assert segment.exists()
+    try:
+        yield pool, watch
+    finally:
+        watch.sample()
+        await pool.aclose()
+    assert watch.leftovers() == [], "worker processes outlived the pool"
+    assert not segment.exists(), "the pool left its shared-memory segment behind"
+
+
+async def whole(pool: WorkerPool, watch: PidWatch, timeout: float = 1.0) -> list[int]:
+    """Wait until every slot has a live, ready worker; return their pids."""
+    await wait_until(lambda: pool.alive == pool.size, timeout, f"{pool.size} live workers")
+    pids = watch.sample()
+    assert all(alive(pid) for pid in pids)
+    return pids
+
+
+def gate_files(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(marker, gate) paths for a `fault`/`mark_then_wait` call."""
+    return tmp_path / f"{name}.marker", tmp_path / f"{name}.gate"
+
+
+def open_gate(gate: Path) -> None:
+    gate.write_text("go")
+
+
+def worker_rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
