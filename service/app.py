@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -14,6 +15,9 @@ from service.problems import problem_middleware
 from service.validation import TaskCatalog
 from workers import registry
 from workers.pool import PoolOptions, WorkerPool
+
+if TYPE_CHECKING:
+    from service.job_runner import JobRunner
 
 log = logging.getLogger("procbridge")
 
@@ -26,6 +30,7 @@ class Service:
     catalog: TaskCatalog
     metrics: Metrics
     executor: WorkerPool | None = None
+    jobs: JobRunner | None = None
     draining: bool = False
     openapi_doc: bytes | None = None  # built on first request, then served as is
 
@@ -55,26 +60,47 @@ def make_executor(config: Config) -> WorkerPool:
 def create_app(config: Config) -> web.Application:
     """Build the app. Task modules are imported here (so a bad module fails before anything starts);
     the pool starts in the startup hook and stops in the cleanup hook."""
-    from service import ops_handlers, task_handlers
+    from service import job_handlers, map_handler, ops_handlers, task_handlers
+    from service.job_events import JobEvents
+    from service.job_runner import JobRunner
+    from service.store import open_store
 
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
     app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body + 1)
     app[SERVICE] = service
     task_handlers.setup(app)
+    map_handler.setup(app)
+    job_handlers.setup(app)
     ops_handlers.setup(app)
 
     async def start(app: web.Application) -> None:
-        executor = make_executor(config)
-        await executor.start()
+        store = open_store(config.store)
+        await store.open()
+        try:
+            executor = make_executor(config)
+            await executor.start()
+        except BaseException:
+            await store.close()
+            raise
         service.executor = executor
+        service.jobs = JobRunner(
+            store, executor, catalog, JobEvents(),
+            concurrency=config.job_concurrency, ttl=config.job_ttl,
+            shared_store=config.store.startswith(("redis://", "rediss://", "unix://")), debug=config.debug,
+        )
+        await service.jobs.start()
         service.metrics.start()
         log.info("%d workers ready; tasks: %s", config.workers, ", ".join(e.name for e in catalog))
 
     async def stop(app: web.Application) -> None:
         await service.metrics.stop()
+        if service.jobs is not None:
+            await service.jobs.close()
         if service.executor is not None:
             await service.executor.aclose()
+        if service.jobs is not None:
+            await service.jobs.store.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -64,6 +64,8 @@ async def serve(config: Config) -> None:
         await stop.wait()
         service = app[SERVICE]
         service.draining = True
+        if service.jobs is not None:
+            service.jobs.stop_claiming()  # queued jobs stay in the store for the next start
         if service.executor is not None:
             drain = asyncio.ensure_future(service.executor.drain(config.shutdown_grace))
             hurried = asyncio.ensure_future(hurry.wait())

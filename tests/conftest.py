@@ -129,6 +129,7 @@ def start_server(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
     full_env.update({"PROCBRIDGE_STORE": str(tmp_path / "jobs.db"), "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = tmp_path / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -46,7 +46,20 @@ from typing import Any, NamedTuple
 from workers import framing
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
-from workers.worker import ERROR, KIND_FUNCTION, KIND_TASK, OK_JSON, OK_PICKLED, READY, RETIRE, WorkerOptions, rss_of
+from workers.worker import (
+    ERROR,
+    KIND_FUNCTION,
+    KIND_MAP,
+    KIND_TASK,
+    OK_JSON,
+    OK_MAP,
+    OK_PICKLED,
+    PROGRESS,
+    READY,
+    RETIRE,
+    WorkerOptions,
+    rss_of,
+)
 from workers.worker import main as worker_main
 
 log = logging.getLogger("procbridge.pool")
@@ -84,11 +97,13 @@ class PoolOptions:
     debug: bool = False
 
 
-Waiter = asyncio.Future[Outcome] | cf.Future[Any]
+Waiter = asyncio.Future[Any] | cf.Future[Any]
+ProgressCallback = Callable[[float, float | None, str | None], None]
 
 
 class _Call:
-    __slots__ = ("encode", "id", "kind", "name", "payload", "timeout", "waiter", "worker")
+    __slots__ = ("encode", "id", "kill_on_cancel", "kind", "name", "payload", "progress", "timeout", "waiter",
+                 "worker")
 
     def __init__(
         self,
@@ -108,9 +123,11 @@ class _Call:
         self.timeout = timeout
         self.waiter = waiter
         self.worker: _Worker | None = None
+        self.progress: ProgressCallback | None = None
+        self.kill_on_cancel = False
 
     def message(self) -> tuple[Any, ...]:
-        return (self.id, self.kind, self.name, self.payload, self.encode)
+        return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None)
 
 
 class _Worker:
@@ -278,13 +295,22 @@ class WorkerPool(cf.Executor):
     # -- calling --------------------------------------------------------------------------------
 
     async def call(
-        self, task: str, kwargs: dict[str, Any], *, timeout: float | None = None, encode_json: bool = False
+        self,
+        task: str,
+        kwargs: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        encode_json: bool = False,
+        on_progress: ProgressCallback | None = None,
+        kill_on_cancel: bool = False,
     ) -> Outcome:
         """Run a registered task in a worker; the loop-native path (no concurrent.futures layer).
 
         `kwargs` must be plain data (what JSON decodes to, and bytes). Raises TaskFailed,
-        WorkerCrashed, TaskTimeout, Overloaded or PoolClosed. Cancelling the awaiting coroutine
-        drops the call if no worker has taken it yet (and, with cancel_running, stops it if it runs).
+        WorkerCrashed, TaskTimeout, Overloaded or PoolClosed. `on_progress` is called on the loop
+        with what the task reports through `progress()`. Cancelling the awaiting coroutine drops the
+        call if no worker has taken it yet, and stops it if it runs when `kill_on_cancel` (or the
+        pool's cancel_running) is set.
         """
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
@@ -292,6 +318,28 @@ class WorkerPool(cf.Executor):
             next(self._ids), KIND_TASK, task, kwargs, encode_json,
             timeout if timeout is not None else self.options.task_timeout, waiter,
         )
+        call.progress = on_progress
+        call.kill_on_cancel = kill_on_cancel
+        return await self._await(call, waiter)
+
+    async def call_chunk(
+        self, task: str, items: list[dict[str, Any]], *, timeout: float | None = None
+    ) -> list[Outcome | TaskFailed]:
+        """Run a registered task over several argument sets in one worker call (a map chunk).
+
+        Each item succeeds (an Outcome with its JSON-encoded value or raw bytes) or fails on its own
+        (TaskFailed); a crash or timeout of the whole call raises as for `call`. `timeout` covers
+        the whole chunk.
+        """
+        assert self._loop is not None, "start() the pool first"
+        waiter: asyncio.Future[list[Outcome | TaskFailed]] = self._loop.create_future()
+        call = _Call(
+            next(self._ids), KIND_MAP, task, items, True,
+            timeout if timeout is not None else self.options.task_timeout * max(1, len(items)), waiter,
+        )
+        return await self._await(call, waiter)
+
+    async def _await(self, call: _Call, waiter: asyncio.Future[Any]) -> Any:
         self._admit(call)
         try:
             return await waiter
@@ -451,7 +499,7 @@ class WorkerPool(cf.Executor):
             with contextlib.suppress(ValueError):
                 self._queue.remove(call)
             self._check_quiet()
-        elif self.options.cancel_running and self._running_call(w) == call.id:
+        elif (self.options.cancel_running or call.kill_on_cancel) and self._running_call(w) == call.id:
             self._kill(w, "cancelled")
 
     def _running_call(self, w: _Worker) -> int | None:
@@ -552,6 +600,9 @@ class WorkerPool(cf.Executor):
             return
         averages = self._averages
         for call_id, status, payload, elapsed in frame:
+            if status == PROGRESS:
+                self._progress(w, call_id, payload)
+                continue
             if status == RETIRE:  # it will exit once this frame is out: send it nothing more
                 w.dying = w.dying or RETIRE_REASONS.get(payload, "retired")
                 if w.idle:
@@ -563,6 +614,8 @@ class WorkerPool(cf.Executor):
             call = self._pop_call(w, call_id)
             if call is None:
                 continue
+            if call.kind == KIND_MAP:  # the time per item is what says whether the task is short
+                elapsed /= max(1, len(call.payload))
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
             if status == ERROR:
                 _settle(call.waiter, error=TaskFailed(*payload))
@@ -577,8 +630,25 @@ class WorkerPool(cf.Executor):
                     continue
             if call.kind == KIND_FUNCTION:
                 _settle(call.waiter, payload)
+            elif status == OK_MAP:
+                _settle(call.waiter, [
+                    TaskFailed(*value) if item_status == ERROR
+                    else Outcome(value, w.pid, item_elapsed, item_status == OK_JSON)
+                    for item_status, value, item_elapsed in payload
+                ])
             else:
                 _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON))
+
+    @staticmethod
+    def _progress(w: _Worker, call_id: int, report: tuple[float, float | None, str | None]) -> None:
+        for call in w.inflight:
+            if call.id == call_id:
+                if call.progress is not None and not call.waiter.done():
+                    try:
+                        call.progress(*report)
+                    except Exception:
+                        log.exception("a progress callback failed")
+                return
 
     @staticmethod
     def _pop_call(w: _Worker, call_id: int) -> _Call | None:

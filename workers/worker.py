@@ -26,19 +26,23 @@ from typing import Any
 
 import orjson
 
-from workers import registry
+from workers import context, registry
 from workers.framing import BlockingFrames, dumps
 from workers.stats import RETIRE_MAX_MEMORY, RETIRE_MAX_TASKS, RowWriter, WorkerTable
 
-# Messages, loop -> worker: a list of calls (call_id, kind, name, payload, encode_json).
+# Messages, loop -> worker: a list of calls (call_id, kind, name, payload, encode_json, progress).
 # KIND_TASK: payload is the kwargs of the registered task `name` (plain data).
 # KIND_FUNCTION: payload is pickle.dumps((fn, args, kwargs)) of an executor call.
-KIND_TASK, KIND_FUNCTION = 0, 1
+# KIND_MAP: payload is a list of kwargs for task `name`, run one after the other (a map chunk).
+# progress: whether the caller wants the task's progress() reports.
+KIND_TASK, KIND_FUNCTION, KIND_MAP = 0, 1, 2
 # Messages, worker -> loop: a list of results (call_id, status, payload, elapsed_seconds).
 # OK: the payload is the value (bytes or a plain scalar). OK_JSON: the value already encoded as JSON
 # bytes (done here, off the loop). OK_PICKLED: the value pickled on its own. ERROR: (type, message,
 # traceback) strings. RETIRE (call id 0, payload the reason): the worker exits after this frame.
-OK, ERROR, OK_JSON, OK_PICKLED, RETIRE = 0, 1, 2, 3, 4
+# OK_MAP: the payload is a list of (status, payload, elapsed), one per item of a map chunk.
+# PROGRESS: (done, total, message) reported by the running call; sent at once, in its own frame.
+OK, ERROR, OK_JSON, OK_PICKLED, RETIRE, OK_MAP, PROGRESS = 0, 1, 2, 3, 4, 5, 6
 # A frame holding this marker alone says the worker has finished starting.
 READY = "ready"
 
@@ -47,6 +51,7 @@ _COALESCE_FOR = 0.001  # a finished result waits at most this long for company
 _MAX_BATCH = 256
 _PLAIN = frozenset({int, float, str, bool, type(None)})
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_PROGRESS_EVERY = 0.05  # at most one progress report per call this often (the final one always goes)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
         ):
             _send(frames, out)
             out = []
-        result = _run(call, row)
+        result = _run(call, row, frames)
         averages[name] = 0.8 * averages.get(name, result[3]) + 0.2 * result[3]
         if not out:
             first_unsent = time.perf_counter()
@@ -121,22 +126,64 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
             return  # calls still in `pending` were not started: the pool hands them to another worker
 
 
-def _run(call: tuple[Any, ...], row: RowWriter) -> tuple[Any, ...]:
-    call_id, kind, name, payload, encode = call
+def _run(call: tuple[Any, ...], row: RowWriter, frames: BlockingFrames) -> tuple[Any, ...]:
+    call_id, kind, name, payload, encode, report = call
     row.begin(call_id, name, time.monotonic(), time.process_time())
+    if report:
+        context.set_sink(_ProgressSender(frames, call_id))
     start = time.perf_counter()
     try:
         if kind == KIND_TASK:
             value = _lookup(name)(**payload)
+        elif kind == KIND_MAP:
+            value = _run_chunk(_lookup(name), payload)
         else:
             fn, args, kwargs = pickle.loads(payload)
             value = fn(*args, **kwargs)
-        status, value = _encode(value, encode)
+        status, value = (OK_MAP, value) if kind == KIND_MAP else _encode(value, encode)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
         status, value = ERROR, describe_exception(exc)
+    finally:
+        context.set_sink(None)
     elapsed = time.perf_counter() - start
     row.end(time.process_time())
     return (call_id, status, value, elapsed)
+
+
+def _run_chunk(fn: Any, items: list[dict[str, Any]]) -> list[tuple[int, Any, float]]:
+    """A map chunk: each item runs and fails on its own; results are JSON-encoded here."""
+    out = []
+    for kwargs in items:
+        start = time.perf_counter()
+        try:
+            status, value = _encode(fn(**kwargs), True)
+        except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's result
+            status, value = ERROR, describe_exception(exc)
+        out.append((status, value, time.perf_counter() - start))
+    return out
+
+
+class _ProgressSender:
+    """The progress sink of one call: sends (done, total, message) to the service at once, at
+    most every _PROGRESS_EVERY seconds, and always the report that says the work is complete."""
+
+    def __init__(self, frames: BlockingFrames, call_id: int) -> None:
+        self._frames = frames
+        self._call_id = call_id
+        self._last = 0.0
+
+    def __call__(self, done: float, total: float | None, message: str | None) -> None:
+        now = time.monotonic()
+        complete = total is not None and done >= total
+        if now - self._last < _PROGRESS_EVERY and not complete:
+            return
+        self._last = now
+        report = (
+            float(done),
+            None if total is None else float(total),
+            None if message is None else str(message)[:1000],
+        )
+        self._frames.send([(self._call_id, PROGRESS, report, 0.0)])
 
 
 def _encode(value: Any, encode: bool) -> tuple[int, Any]:

@@ -8,9 +8,7 @@ import asyncio
 import contextlib
 import gc
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,75 +27,15 @@ from service.store import DEFAULT_REDIS_PREFIX, open_store, split_prefix
 from service.store.base import JobStore
 from service.store.redis import RedisJobStore
 from service.store.sqlite import SQLiteJobStore
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT
+from tests.redis_server import RedisServer, need_redis_server
 
 ERROR = {"type": "/problems/job-cancelled", "title": "cancelled", "status": 409, "detail": "cancelled"}
 
 
-# -- a real redis-server ------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """`redis-server` on a free loopback port with an append-only file fsynced at every write."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "redis.log"
-
-    def url(self, prefix: str = DEFAULT_REDIS_PREFIX) -> str:
-        return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                 "--appendfsync", "always", "--dir", str(self.directory)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        wait_for(self._answers, 15, 0.02, "redis-server to answer PING")
-
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"redis-server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")  # -LOADING while it replays the AOF
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save, only what the append-only file already holds survives."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def _need_redis_server() -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/test installs it with apt-get when run as root)")
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    _need_redis_server()
+    need_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -107,7 +45,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of this test's own, for tests that kill it."""
-    _need_redis_server()
+    need_redis_server()
     server = RedisServer(tmp_path / "redis")
     server.start()
     yield server

@@ -1,0 +1,188 @@
+"""HTTP handlers for async jobs: submit, read, list, result, cancel, and the SSE event stream.
+
+`POST /v1/jobs` validates exactly like a synchronous call (404 unknown-task, 422), then stores the job
+and only then answers 202: the 202 is the promise that the job will reach a final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from service.app import SERVICE, Service
+from service.body import body_kind, parse_object, read_body
+from service.job_model import STATUSES, Job, new_job_id
+from service.problems import Problem
+from service.task_handlers import JSON_TYPE, PNG_SIGNATURE, json_response
+
+_MAX_KEY = 200
+_SSE_RECHECK = 1.0  # re-read the store this often while streaming (jobs run by another replica)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/v1/jobs", submit_job)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{id}", get_job)
+    app.router.add_delete("/v1/jobs/{id}", cancel_job)
+    app.router.add_get("/v1/jobs/{id}/result", job_result)
+    app.router.add_get("/v1/jobs/{id}/events", job_events)
+
+
+def _jobs(service: Service) -> Any:
+    if service.jobs is None:
+        raise Problem(503, "draining", "the job store is not open", headers={"Retry-After": "5"})
+    return service.jobs
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body_kind(request, binary_ok=False)
+    if service.draining:
+        raise Problem(503, "draining", "the service is shutting down and takes no new jobs",
+                      headers={"Retry-After": "5"})
+    payload = parse_object(await read_body(request, service.config.max_body))
+    unknown = sorted(set(payload) - {"task", "args", "timeout"})
+    if unknown:
+        raise Problem(422, "invalid-arguments", f"{unknown[0]}: unknown field of a job (task, args, timeout)",
+                      errors=[{"field": f, "message": "unknown field"} for f in unknown])
+    name = payload.get("task")
+    if not isinstance(name, str):
+        raise Problem(422, "invalid-arguments", "task: required, the name of a task",
+                      errors=[{"field": "task", "message": "required string"}])
+    entry = service.catalog.get(name)
+    args = payload.get("args", {})
+    service.catalog.validate_json(entry, args)  # refuse now what would fail later
+    timeout = payload.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise Problem(422, "invalid-arguments", "timeout: must be a number of seconds > 0",
+                      errors=[{"field": "timeout", "message": "must be a number of seconds > 0"}])
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= _MAX_KEY:
+        raise Problem(422, "invalid-arguments", f"Idempotency-Key: must be 1 to {_MAX_KEY} characters",
+                      errors=[{"field": "Idempotency-Key", "message": "bad length"}])
+    runner = _jobs(service)
+    job = Job(id=new_job_id(), task=name, args=args, timeout=float(timeout) if timeout else None,
+              idempotency_key=key)
+    stored, created = await runner.store.create(job)
+    if created:
+        runner.notify()
+    location = f"/v1/jobs/{stored.id}"
+    return json_response(stored.public(), status=202, headers={"Location": location})
+
+
+async def _load(request: web.Request) -> Job:
+    job = await _jobs(request.app[SERVICE]).store.get(request.match_info["id"])
+    if job is None:
+        raise Problem(404, "unknown-job", f"no job with id {request.match_info['id']!r}")
+    return job
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return json_response((await _load(request)).public())
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    status = request.query.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise Problem(422, "invalid-arguments", f"status: must be one of {', '.join(STATUSES)}",
+                      errors=[{"field": "status", "message": "unknown status"}])
+    raw_limit = request.query.get("limit", "100")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise Problem(422, "invalid-arguments", "limit: must be a whole number from 1 to 1000",
+                      errors=[{"field": "limit", "message": "must be from 1 to 1000"}])
+    jobs = await _jobs(request.app[SERVICE]).store.list(status, limit)
+    return json_response({"jobs": [job.public() for job in jobs]})
+
+
+async def job_result(request: web.Request) -> web.Response:
+    job = await _load(request)
+    if job.status == "succeeded":
+        if job.result_bytes is not None:
+            ctype = "image/png" if job.result_bytes[:8] == PNG_SIGNATURE else "application/octet-stream"
+            return web.Response(body=job.result_bytes, content_type=ctype)
+        return web.Response(body=orjson.dumps(job.result), content_type=JSON_TYPE)
+    if job.final:
+        raise Problem(409, "job-failed", f"the job ended {job.status}; it has no result", error=job.error)
+    raise Problem(409, "job-not-finished", f"the job is {job.status}; poll it or stream its events")
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    job = await _load(request)
+    if job.final:
+        raise Problem(409, "job-finished", f"the job already ended {job.status}")
+    cancelled = await _jobs(request.app[SERVICE]).cancel(job.id)
+    if cancelled is None:
+        raise Problem(404, "unknown-job", f"no job with id {job.id!r}")
+    if cancelled.status != "cancelled":
+        raise Problem(409, "job-finished", f"the job already ended {cancelled.status}")
+    return json_response(cancelled.public())
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """SSE: the current state first, then `progress` and `status` events, then `result` or `error`."""
+    runner = _jobs(request.app[SERVICE])
+    job = await _load(request)
+    with runner.events.listen(job.id) as queue:
+        job = await runner.store.get(job.id) or job  # re-read once subscribed: no event falls between
+        async with sse_response(request) as sse:
+            stream = _JobStream(sse)
+            await stream.catch_up(job)
+            while not stream.ended:
+                try:
+                    event, data = await asyncio.wait_for(queue.get(), _SSE_RECHECK)
+                except TimeoutError:  # quiet: the job may run on another replica; ask the store
+                    fresh = await runner.store.get(job.id)
+                    if fresh is None:
+                        break
+                    await stream.catch_up(fresh)
+                    continue
+                await stream.send(event, data)
+    return sse
+
+
+class _JobStream:
+    """One listener's stream: skips repeats, ends after the first result or error event."""
+
+    def __init__(self, sse: Any) -> None:
+        self.sse = sse
+        self.ended = False
+        self._status: str | None = None
+        self._progress: dict[str, Any] | None = None
+
+    async def send(self, event: str, data: dict[str, Any]) -> None:
+        if self.ended:
+            return
+        if event == "status":
+            if data.get("status") == self._status:
+                return
+            self._status = data.get("status")
+        elif event == "progress":
+            if data == self._progress:
+                return
+            self._progress = data
+        else:
+            self.ended = True
+        await self.sse.send(orjson.dumps(data).decode(), event=event)
+
+    async def catch_up(self, job: Job) -> None:
+        """Send what the stored job shows that this stream has not said yet."""
+        if job.progress:
+            await self.send("progress", job.progress)
+        await self.send("status", {"status": job.status})
+        if job.status == "succeeded":
+            public = job.public()
+            keys = ("id", "status", "result", "result_url", "result_size")
+            await self.send("result", {k: public[k] for k in keys if k in public})
+        elif job.final:
+            await self.send("error", job.error or {"status": job.status})
