@@ -116,6 +116,13 @@ def build_openapi(catalog: TaskCatalog) -> bytes:
         op = _task_operation(entry.name, entry.spec.doc, schema, entry.spec.bytes_param is not None,
                              entry.spec.returns_bytes)
         paths[f"/v1/tasks/{entry.name}"] = {"post": op}
+        paths[f"/v1/tasks/{entry.name}/map"] = {"post": _map_operation(entry.name, schema)}
+    paths["/v1/tasks/{name}/map"] = {"post": {
+        **_map_operation("{name}", None),
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                       _TIMEOUT_PARAM],
+    }}
+    paths.update(_job_paths())
     doc = {
         "openapi": "3.1.0",
         "info": {
@@ -127,6 +134,96 @@ def build_openapi(catalog: TaskCatalog) -> bytes:
         "components": {"schemas": schemas},
     }
     return orjson.dumps(doc)
+
+
+def _map_operation(name: str, item_schema: dict[str, Any] | None) -> dict[str, Any]:
+    body = {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "items": {"type": "array", "items": item_schema or {"type": "object"}},
+            "ordered": {"type": "boolean", "default": True},
+        },
+    }
+    return {
+        "summary": f"Run {name} over many argument sets; results stream as NDJSON lines",
+        "operationId": f"map_{name}" if item_schema else "map_task",
+        "tags": ["tasks"],
+        "parameters": [_TIMEOUT_PARAM],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {
+            "200": {"description": 'one line per item: {"index", "result"} or {"index", "error"}',
+                    "content": {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/MapLine"}}}},
+            **{k: v for k, v in _CALL_ERRORS.items() if k in ("400", "401", "404", "413", "415", "422", "429", "503")},
+        },
+    }
+
+
+_JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_JOB = {"$ref": "#/components/schemas/Job"}
+
+
+def _job_paths() -> dict[str, Any]:
+    unknown = _problem("unknown-job")
+    return {
+        "/v1/jobs": {
+            "post": {
+                "summary": "Submit an async job (stored durably before the 202)", "operationId": "submit_job",
+                "tags": ["jobs"],
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["task"], "additionalProperties": False,
+                    "properties": {"task": {"type": "string"}, "args": {"type": "object"},
+                                   "timeout": {"type": "number", "exclusiveMinimum": 0}},
+                }}}},
+                "responses": {
+                    "202": {"description": "the job, stored", "headers": {"Location": {"schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": _JOB}}},
+                    **{k: v for k, v in _CALL_ERRORS.items() if k in ("400", "401", "404", "413", "415", "422",
+                                                                       "429", "503")},
+                },
+            },
+            "get": {
+                "summary": "Jobs, newest first", "operationId": "list_jobs", "tags": ["jobs"],
+                "parameters": [
+                    {"name": "status", "in": "query", "required": False,
+                     "schema": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                ],
+                "responses": {"200": _json({"type": "object", "required": ["jobs"],
+                                            "properties": {"jobs": {"type": "array", "items": _JOB}}}, "jobs"),
+                              "401": _problem("unauthorized"), "422": _problem("invalid-arguments")},
+            },
+        },
+        "/v1/jobs/{id}": {
+            "get": {"summary": "A job", "operationId": "get_job", "tags": ["jobs"], "parameters": [_JOB_ID],
+                    "responses": {"200": _json(_JOB, "the job"), "401": _problem("unauthorized"), "404": unknown}},
+            "delete": {"summary": "Cancel a job (a running job's worker is stopped)", "operationId": "cancel_job",
+                       "tags": ["jobs"], "parameters": [_JOB_ID],
+                       "responses": {"200": _json(_JOB, "the cancelled job"), "401": _problem("unauthorized"),
+                                     "404": unknown, "409": _problem("job-finished")}},
+        },
+        "/v1/jobs/{id}/result": {"get": {
+            "summary": "A succeeded job's result (raw bytes for binary results)", "operationId": "job_result",
+            "tags": ["jobs"], "parameters": [_JOB_ID],
+            "responses": {"200": {"description": "the result", "content": {
+                "application/json": {"schema": {}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                "401": _problem("unauthorized"), "404": unknown,
+                "409": _problem("job-not-finished or job-failed")},
+        }},
+        "/v1/jobs/{id}/events": {"get": {
+            "summary": "Server-sent events: progress and status, then one result or error",
+            "operationId": "job_events", "tags": ["jobs"], "parameters": [_JOB_ID],
+            "responses": {"200": {"description": "text/event-stream",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          "401": _problem("unauthorized"), "404": unknown},
+        }},
+    }
 
 
 def _hoist_defs(task: str, schema: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +252,31 @@ def _hoist_defs(task: str, schema: dict[str, Any], components: dict[str, Any]) -
 
 
 _SCHEMAS: dict[str, Any] = {
+    "Job": {
+        "type": "object",
+        "required": ["id", "task", "status", "created_at", "started_at", "finished_at", "progress"],
+        "properties": {
+            "id": {"type": "string"},
+            "task": {"type": "string"},
+            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "created_at": {"type": "number"},
+            "started_at": {"type": ["number", "null"]},
+            "finished_at": {"type": ["number", "null"]},
+            "progress": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+                "done": {"type": "number"}, "total": {"type": ["number", "null"]},
+                "message": {"type": ["string", "null"]}}}]},
+            "result": {},
+            "result_url": {"type": "string"},
+            "result_size": {"type": "integer"},
+            "error": {"$ref": "#/components/schemas/Problem"},
+        },
+    },
+    "MapLine": {
+        "type": "object",
+        "required": ["index"],
+        "properties": {"index": {"type": "integer"}, "result": {}, "encoding": {"const": "base64"},
+                       "error": {"$ref": "#/components/schemas/Problem"}},
+    },
     "Problem": {
         "type": "object",
         "required": ["type", "title", "status", "detail"],

@@ -365,3 +365,14 @@ def test_two_replicas_share_a_redis_store(tmp_path):
             srv.stop()
             srv.kill_all()
         redis.stop()
+
+
+def test_openapi_documents_jobs_and_map(server):
+    doc = http("GET", server.url + "/openapi.json").json()
+    paths = doc["paths"]
+    assert {"post", "get"} <= set(paths["/v1/jobs"])
+    assert {"get", "delete"} <= set(paths["/v1/jobs/{id}"])
+    assert "get" in paths["/v1/jobs/{id}/result"] and "get" in paths["/v1/jobs/{id}/events"]
+    item = paths["/v1/tasks/primes/map"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert item["properties"]["items"]["items"]["properties"]["limit"]["maximum"] == 10**8
+    assert "Job" in doc["components"]["schemas"]
