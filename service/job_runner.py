@@ -192,7 +192,9 @@ class JobRunner:
         self, job: Job, status: str, *, result: Any = None, result_bytes: bytes | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        self._progress_pending.pop(job.id, None)
+        last = self._progress_pending.pop(job.id, None)
+        if last is not None:  # the final report (often "100%") is stored, not just the last flushed one
+            await self.store.set_progress(job.id, last)
         if not await self.store.finish(job.id, status, result=result, result_bytes=result_bytes, error=error):
             return  # cancelled meanwhile: that state stands
         self.events.publish(job.id, "status", {"status": status})

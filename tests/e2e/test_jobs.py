@@ -213,6 +213,8 @@ def test_events_stream_progress_then_result(server):
     assert progress, names
     assert progress[-1]["total"] == 100 and 0 < progress[-1]["done"] <= 100
     assert events[-1][1]["result"]["pid"] > 0
+    # the stored job keeps the last report the task made (burn ends on 100%)
+    assert job(server.url, created["id"])["progress"] == {"done": 100.0, "total": 100.0, "message": "100%"}
 
 
 def test_late_listener_gets_the_current_state_and_the_end(server):
