@@ -14,6 +14,7 @@ from service.metrics import Metrics
 from service.problems import problem_middleware
 from service.validation import TaskCatalog
 from workers import registry
+from workers.executor import Executor
 from workers.pool import PoolOptions, WorkerPool
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class Service:
     config: Config
     catalog: TaskCatalog
     metrics: Metrics
-    executor: WorkerPool | None = None
+    executor: Executor | None = None
     jobs: JobRunner | None = None
     draining: bool = False
     openapi_doc: bytes | None = None  # built on first request, then served as is
@@ -38,10 +39,24 @@ class Service:
 SERVICE = web.AppKey("service", Service)
 
 
-def make_executor(config: Config) -> WorkerPool:
-    """The executor named by --executor (today: the local pool)."""
-    if config.executor != "local":
-        raise RuntimeError(f"--executor {config.executor}: the Dask executor is not available in this build")
+def make_executor(config: Config) -> Executor:
+    """The executor named by --executor: the local pool, or a Dask cluster (dask://HOST:PORT)."""
+    if config.executor.startswith("dask://"):
+        try:
+            from workers.dask_executor import DaskExecutor, DaskOptions, parse_address
+        except ImportError as exc:  # dask/distributed are in requirements.lock; a trimmed install may lack them
+            raise RuntimeError(f"--executor {config.executor} needs the 'distributed' package: {exc}") from None
+        address, isolate = parse_address(config.executor)
+        return DaskExecutor(
+            DaskOptions(
+                address=address,
+                modules=config.tasks,
+                isolate=isolate,
+                task_timeout=config.task_timeout,
+                max_pending=config.max_pending,
+                cancel_running=config.cancel_running_on_disconnect,
+            )
+        )
     return WorkerPool(
         PoolOptions(
             workers=config.workers,
@@ -53,6 +68,9 @@ def make_executor(config: Config) -> WorkerPool:
             nice=config.worker_nice,
             cancel_running=config.cancel_running_on_disconnect,
             debug=config.debug,
+            shm_threshold=config.shm_threshold,
+            shm_budget=config.shm_budget,
+            shm_need=2 * config.max_body,  # one body of the largest size in, one result out
         )
     )
 
@@ -91,7 +109,8 @@ def create_app(config: Config) -> web.Application:
         )
         await service.jobs.start()
         service.metrics.start()
-        log.info("%d workers ready; tasks: %s", config.workers, ", ".join(e.name for e in catalog))
+        where = f"Dask cluster {config.executor}" if config.executor != "local" else "local pool"
+        log.info("%d workers ready (%s); tasks: %s", executor.alive, where, ", ".join(e.name for e in catalog))
 
     async def stop(app: web.Application) -> None:
         await service.metrics.stop()

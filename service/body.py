@@ -1,8 +1,11 @@
-"""Reading request bodies: content type, the size limit (before and while reading), JSON parsing."""
+"""Reading request bodies: content type, the size limit (before and while reading), JSON parsing,
+and large binary bodies read from the socket straight into a writable buffer (a shared-memory
+segment the executor lends), never held whole in memory on the way."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -38,6 +41,86 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class PayloadBuffer(Protocol):
+    """A writable buffer lent for one payload (workers.shm.Lease): `buffer` is all of it, `length`
+    the bytes in use; `release()` gives it back."""
+
+    length: int
+
+    @property
+    def buffer(self) -> memoryview: ...
+
+    def release(self) -> None: ...
+
+
+Allocate = Callable[[int], Awaitable[PayloadBuffer | None]]
+
+
+async def read_payload(
+    request: web.Request, limit: int, allocate: Allocate | None, threshold: int | None
+) -> bytes | PayloadBuffer:
+    """A binary body: bytes when it is not above `threshold` (or no buffer can be had), else a buffer
+    from `allocate` that each chunk is copied into as it arrives from the socket (the body is never
+    assembled in memory first). Refuses (413) a declared or actual size over `limit`. A body of
+    unknown size (chunked) starts in memory and moves to a buffer, doubling, once past `threshold`.
+    The caller releases the buffer; on any failure here it is released before the error propagates.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
+    if allocate is None or threshold is None or (declared is not None and declared <= threshold):
+        return await read_body(request, limit)
+    target: PayloadBuffer | None = None
+    if declared is not None:
+        target = await allocate(declared)
+        if target is None:  # no room in shared memory: the body goes through the pipe
+            return await read_body(request, limit)
+    inline = bytearray()
+    total = 0
+    stay_inline = False  # a buffer was refused: the rest of the body stays in memory
+    try:
+        async for chunk in request.content.iter_any():
+            end = total + len(chunk)
+            if end > limit:
+                raise _too_large(limit)
+            if target is not None and end > len(target.buffer):  # unknown size: grow, doubling
+                target = await _grow(target, total, min(limit, max(end, 2 * len(target.buffer))), allocate, inline)
+                stay_inline = target is None
+            elif target is None and not stay_inline and end > threshold:
+                target = await allocate(min(limit, max(2 * end, 4 * threshold)))
+                if target is None:
+                    stay_inline = True
+                else:
+                    target.buffer[:total] = inline
+                    inline = bytearray()
+            if target is None:
+                inline += chunk
+            else:
+                target.buffer[total:end] = chunk
+            total = end
+    except BaseException:
+        if target is not None:
+            target.release()
+        raise
+    if target is None:
+        return bytes(inline)
+    target.length = total
+    return target
+
+
+async def _grow(
+    old: PayloadBuffer, used: int, size: int, allocate: Allocate, inline: bytearray
+) -> PayloadBuffer | None:
+    """A bigger buffer holding the first `used` bytes of `old` (released); None: they moved to `inline`."""
+    new = await allocate(size)
+    if new is not None:
+        new.buffer[:used] = old.buffer[:used]
+    else:
+        inline += old.buffer[:used]
+    old.release()
+    return new
 
 
 def _too_large(limit: int) -> Problem:

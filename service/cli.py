@@ -1,14 +1,17 @@
-"""The `procbridge` command: `procbridge serve [FLAGS]` (flags and environment: see --help)."""
+"""The `procbridge` command: `procbridge serve [FLAGS]` (flags and environment: see --help), and
+`procbridge loadtest URL [...]`, the load generator of `bench/loadtest.py` (it needs the dev lock)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: procbridge serve [FLAGS]
+USAGE = """usage: procbridge {serve,loadtest} ...
 
 commands:
   serve     run the HTTP service (procbridge serve --help lists every flag)
+  loadtest  drive a procbridge URL (or any HTTP endpoint) with load: open or closed loop, HDR latencies,
+            JSON and PNG results (procbridge loadtest --help; needs requirements-dev.lock installed)
 """
 
 
@@ -28,5 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"procbridge: bad setting: {exc}", file=sys.stderr)
             return 2
         return run(config)
+    if command == "loadtest":
+        try:
+            from bench import loadtest
+        except ImportError as exc:  # a checkout installed without its bench package, or without aiohttp
+            print(f"procbridge loadtest is not available here ({exc}); install the checkout with "
+                  "`pip install -e .` and `pip install -r requirements-dev.lock`", file=sys.stderr)
+            return 2
+        return loadtest.main(rest)
     print(f"procbridge: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2

@@ -52,6 +52,8 @@ class Config:
     job_concurrency: int = 1
     job_ttl: float = 86400.0
     max_map_items: int = 100_000
+    shm_threshold: int = 256 * 1024
+    shm_budget: int | None = None  # None: 3/4 of what /dev/shm has free at start-up; 0: off
     log_level: str = "info"
     debug: bool = False
 
@@ -70,7 +72,7 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
     ("--max-body", "PROCBRIDGE_MAX_BODY", "max_body", "request body limit in bytes [64 MiB]"),
     ("--tasks", "PROCBRIDGE_TASKS", "tasks", "comma-separated modules with user tasks"),
     ("--store", "PROCBRIDGE_STORE", "store", "job store: SQLite path or redis://... [./procbridge.db]"),
-    ("--executor", "PROCBRIDGE_EXECUTOR", "executor", "local or dask://HOST:PORT [local]"),
+    ("--executor", "PROCBRIDGE_EXECUTOR", "executor", "local or dask://HOST:PORT[?isolate=process|thread] [local]"),
     ("--api-keys", "PROCBRIDGE_API_KEYS", "api_keys", "comma-separated keys or @FILE [no auth]"),
     ("--rate-limit", "PROCBRIDGE_RATE_LIMIT", "rate_limit", "requests per key or client, e.g. 20/s [none]"),
     ("--shutdown-grace", "PROCBRIDGE_SHUTDOWN_GRACE", "shutdown_grace", "seconds in-flight work may finish [25]"),
@@ -85,6 +87,10 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
      "async jobs run at once, so synchronous calls keep their share [half the workers, at least 1]"),
     ("--job-ttl", "PROCBRIDGE_JOB_TTL", "job_ttl", "keep finished jobs this long, e.g. 3600, 90m, 24h [24h]"),
     ("--max-map-items", "PROCBRIDGE_MAX_MAP_ITEMS", "max_map_items", "items in one map request, beyond: 413 [100000]"),
+    ("--shm-threshold", "PROCBRIDGE_SHM_THRESHOLD", "shm_threshold",
+     "binary payloads larger than this go through shared memory, e.g. 1MiB [256KiB]"),
+    ("--shm-budget", "PROCBRIDGE_SHM_BUDGET", "shm_budget",
+     "bytes of /dev/shm payloads may use; 0: off [3/4 of what /dev/shm has free at start-up]"),
     ("--log-level", "PROCBRIDGE_LOG_LEVEL", "log_level", "debug, info, warning or error [info]"),
     ("--debug", "PROCBRIDGE_DEBUG", "debug", "include tracebacks in task-failed problems [false]"),
 ]
@@ -148,6 +154,8 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         job_concurrency=get("job_concurrency", _positive_int, max(1, (workers + 1) // 2)),
         job_ttl=get("job_ttl", _duration, 86400.0),
         max_map_items=get("max_map_items", _positive_int, 100_000),
+        shm_threshold=get("shm_threshold", _size, 256 * 1024),
+        shm_budget=get("shm_budget", _size, None),
         log_level=get("log_level", _log_level, "info"),
         debug=get("debug", _bool, False),
     )
@@ -259,9 +267,9 @@ def _store(s: str) -> str:
 
 
 def _executor(s: str) -> str:
-    if s == "local" or re.fullmatch(r"dask://[^\s:/]+:\d+", s):
+    if s == "local" or re.fullmatch(r"dask://[^\s:/?]+:\d+(\?isolate=(process|thread))?", s):
         return s
-    raise ValueError("must be 'local' or dask://HOST:PORT")
+    raise ValueError("must be 'local' or dask://HOST:PORT (optionally ?isolate=process or ?isolate=thread)")
 
 
 def _api_keys(s: str) -> tuple[str, ...]:

@@ -44,6 +44,10 @@ class _PoolCollector(Collector):
             "procbridge_worker_restarts", "Worker processes replaced, by reason", labels=["reason"]
         )
         cpu = CounterMetricFamily("procbridge_worker_cpu_seconds", "CPU seconds used by live workers", labels=["slot"])
+        started = GaugeMetricFamily(
+            "procbridge_worker_task_started_at_seconds",
+            "Unix time the task a worker is running now started (busy workers only)", labels=["slot"],
+        )
         if pool is not None:
             pending.add_metric([], pool.pending)
             counts = dict.fromkeys(("starting", "idle", "busy"), 0)
@@ -52,6 +56,9 @@ class _PoolCollector(Collector):
                     counts[STATE_NAMES[row.state]] += 1
                 if row.pid:
                     cpu.add_metric([str(row.slot)], row.cpu_seconds)
+                    started_at = row.task_started_at()
+                    if started_at is not None:
+                        started.add_metric([str(row.slot)], started_at)
             for state, n in counts.items():
                 workers.add_metric([state], n)
             for reason in sorted({"crashed", "timeout", "cancelled", "max_tasks", "max_memory", *pool.restarts}):
@@ -60,6 +67,34 @@ class _PoolCollector(Collector):
         yield workers
         yield restarts
         yield cpu
+        yield started
+        yield from _shm_metrics(getattr(pool, "segments", None))
+
+
+def _shm_metrics(segments: Any) -> Iterator[Any]:
+    """The shared-memory payload pool (workers/shm.py), when the executor has one."""
+    if segments is None:
+        return
+    stats = segments.stats()
+    count = GaugeMetricFamily("procbridge_shm_segments", "Shared-memory payload segments", labels=["state"])
+    size = GaugeMetricFamily("procbridge_shm_bytes", "Bytes of shared-memory payload segments", labels=["state"])
+    for state in ("leased", "free"):
+        count.add_metric([state], stats[f"{state}_segments"])
+        size.add_metric([state], stats[f"{state}_bytes"])
+    budget = GaugeMetricFamily("procbridge_shm_budget_bytes", "Bytes of /dev/shm payload segments may use")
+    budget.add_metric([], stats["budget"])
+    payloads = CounterMetricFamily(
+        "procbridge_large_payloads",
+        "Binary payloads above --shm-threshold, by direction (in: to a worker, out: results) and the path they took "
+        "(shm, or pipe when shared memory had no room)", labels=["direction", "path"],
+    )
+    for direction in ("in", "out"):
+        for path in ("shm", "pipe"):
+            payloads.add_metric([direction, path], segments.payloads.get((direction, path), 0))
+    yield count
+    yield size
+    yield budget
+    yield payloads
 
 
 class Metrics:

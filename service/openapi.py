@@ -323,6 +323,10 @@ _SCHEMAS: dict[str, Any] = {
                     "task": {"type": ["string", "null"]},
                     "tasks_done": {"type": "integer"},
                     "cpu_seconds": {"type": "number"},
+                    "task_started_at": {
+                        "type": ["number", "null"],
+                        "description": "Unix time the running task started; null unless busy",
+                    },
                 },
             }},
         },

@@ -27,11 +27,14 @@ async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     executor = service.executor
     alive = executor.alive if executor is not None else 0
+    # An executor may add fields of its own (the Dask one: scheduler address, reachable, threads).
+    readiness = getattr(executor, "readiness", None)
+    extra = readiness() if callable(readiness) else {}
     if service.draining or executor is None or executor.closing:
-        return json_response({"status": "draining", "workers_alive": alive}, status=503)
+        return json_response({"status": "draining", "workers_alive": alive, **extra}, status=503)
     if alive < 1:
-        return json_response({"status": "no-workers", "workers_alive": alive}, status=503)
-    return json_response({"status": "ready", "workers_alive": alive})
+        return json_response({"status": "no-workers", "workers_alive": alive, **extra}, status=503)
+    return json_response({"status": "ready", "workers_alive": alive, **extra})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -47,9 +50,14 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def workers(request: web.Request) -> web.Response:
-    """The shared-memory worker table, as the workers last wrote it."""
+    """The shared-memory worker table, as the workers last wrote it (or the Dask workers, as the
+    scheduler last listed them, when the executor describes its workers itself)."""
     service = request.app[SERVICE]
     executor = service.executor
+    describe = getattr(executor, "describe_workers", None)
+    if callable(describe):
+        assert executor is not None
+        return json_response({"size": executor.size, "workers": describe()})
     rows = executor.rows() if executor is not None else []
     listing = [
         {
@@ -59,7 +67,12 @@ async def workers(request: web.Request) -> web.Response:
             "task": row.task,
             "tasks_done": row.tasks_done,
             "cpu_seconds": round(row.cpu_seconds, 6),
+            "task_started_at": _rounded(row.task_started_at()),
         }
         for row in rows
     ]
     return json_response({"size": executor.size if executor is not None else 0, "workers": listing})
+
+
+def _rounded(when: float | None) -> float | None:
+    return None if when is None else round(when, 3)

@@ -1,7 +1,11 @@
 """HTTP handlers for tasks: list them, and call one synchronously.
 
 They only translate: HTTP in (content type, body, query) -> a validated call on the executor ->
-HTTP out (JSON envelope, raw bytes, or a problem). No process, pipe or segment is touched here.
+HTTP out (JSON envelope, raw bytes, or a problem). No process or pipe is touched here. A large
+binary body is read into a buffer the executor lends (`payload_buffer`: a shared-memory segment with
+the local pool) and passed on as the argument; a large bytes result may come back as such a buffer
+(`shared_result`), which is streamed to the client from where the worker wrote it. Who made the
+buffer, and how a worker sees it, is the executor's business.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import orjson
 from aiohttp import web
 
 from service.app import SERVICE, Service
-from service.body import OCTET_STREAM, body_kind, parse_object, read_body
+from service.body import OCTET_STREAM, PayloadBuffer, body_kind, parse_object, read_body, read_payload
 from service.problems import Problem, from_pool_error
 from workers.errors import PoolError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JSON_TYPE = "application/json"
+_WRITE_CHUNK = 1024 * 1024  # a large result goes to the socket in slices of its buffer, no copy
 
 
 def setup(app: web.Application) -> None:
@@ -32,7 +37,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     return json_response({"tasks": tasks})
 
 
-async def call_task(request: web.Request) -> web.Response:
+async def call_task(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     entry = service.catalog.get(request.match_info["name"])
     try:
@@ -42,13 +47,13 @@ async def call_task(request: web.Request) -> web.Response:
         raise
 
 
-async def _call_task(request: web.Request, service: Service, name: str) -> web.Response:
+async def _call_task(request: web.Request, service: Service, name: str) -> web.StreamResponse:
     entry = service.catalog.get(name)
     timeout = parse_timeout(request.query.get("timeout"))
     kind = body_kind(request)
     admit_or_refuse(service)  # before reading the body: a refused call costs no buffering
-    body = await read_body(request, service.config.max_body)
     if kind == "json":
+        body = await read_body(request, service.config.max_body)
         extra = sorted(set(request.query) - {"timeout"})
         if extra:
             raise Problem(
@@ -57,10 +62,20 @@ async def _call_task(request: web.Request, service: Service, name: str) -> web.R
                 errors=[{"field": f, "message": "given in the query string"} for f in extra],
             )
         kwargs = service.catalog.validate_json(entry, parse_object(body))
+        outcome = await run_task(service, entry.name, kwargs, timeout)
     else:
         query = {k: v for k, v in request.query.items() if k != "timeout"}
-        kwargs = service.catalog.validate_binary(entry, query, body)
-    outcome = await run_task(service, entry.name, kwargs, timeout)
+        kwargs = service.catalog.validate_binary(entry, query, b"")  # refuse bad arguments before the body
+        executor = service.executor
+        allocate = getattr(executor, "payload_buffer", None)  # the local pool lends shared memory
+        threshold = getattr(executor, "shm_threshold", None)
+        payload = await read_payload(request, service.config.max_body, allocate, threshold)
+        try:
+            kwargs[entry.spec.bytes_param or ""] = payload
+            outcome = await run_task(service, entry.name, kwargs, timeout)
+        finally:
+            if not isinstance(payload, bytes):
+                payload.release()  # the call holds its own reference while its worker reads it
     if outcome.json:
         envelope = b"".join((
             b'{"task":', orjson.dumps(entry.name), b',"result":', outcome.value,
@@ -69,9 +84,46 @@ async def _call_task(request: web.Request, service: Service, name: str) -> web.R
         ))
         return web.Response(body=envelope, content_type=JSON_TYPE)
     value = outcome.value
-    ctype = "image/png" if value[:8] == PNG_SIGNATURE else OCTET_STREAM
     headers = {"X-Procbridge-Worker": str(outcome.pid), "X-Procbridge-Elapsed-Ms": f"{outcome.elapsed * 1000:.3f}"}
+    if not isinstance(value, bytes):
+        return await stream_buffer(request, value, headers)
+    ctype = "image/png" if value[:8] == PNG_SIGNATURE else OCTET_STREAM
     return web.Response(body=value, content_type=ctype, headers=headers)
+
+
+async def stream_buffer(request: web.Request, buffer: PayloadBuffer, headers: dict[str, str]) -> web.StreamResponse:
+    """Send a result straight from the buffer it was written into, then release the buffer.
+
+    The transport keeps references to the slices it has not sent yet (uvloop does not copy), so the
+    buffer is released only once the transport's write buffer is empty (or the client is gone).
+    """
+    try:
+        view = buffer.buffer[: buffer.length]
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "image/png" if view[:8] == PNG_SIGNATURE else OCTET_STREAM
+        response.content_length = len(view)
+        await response.prepare(request)
+        for start in range(0, len(view), _WRITE_CHUNK):
+            await response.write(view[start : start + _WRITE_CHUNK])
+        await _flushed(request)
+        await response.write_eof()
+        return response
+    finally:
+        buffer.release()
+
+
+async def _flushed(request: web.Request) -> None:
+    """Wait until the transport has handed everything written so far to the kernel."""
+    transport = request.transport
+    if transport is None or transport.is_closing() or not transport.get_write_buffer_size():
+        return
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0, low=0)  # pauses the writer until the buffer is empty
+    try:
+        await request.writer.drain()
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
 
 
 def admit_or_refuse(service: Service) -> None:
@@ -86,10 +138,17 @@ def admit_or_refuse(service: Service) -> None:
 
 
 async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
-    """Call the executor; count a success (the caller counts problems); pool errors become problems."""
-    assert service.executor is not None
+    """Call the executor; count a success (the caller counts problems); pool errors become problems.
+
+    With an executor that lends payload buffers, a large bytes result comes back in one (released by
+    whoever sends it): the caller must handle a PayloadBuffer as well as bytes."""
+    executor: Any = service.executor
+    assert executor is not None
     try:
-        outcome = await service.executor.call(name, kwargs, timeout=timeout, encode_json=True)
+        if hasattr(executor, "payload_buffer"):
+            outcome = await executor.call(name, kwargs, timeout=timeout, encode_json=True, shared_result=True)
+        else:
+            outcome = await executor.call(name, kwargs, timeout=timeout, encode_json=True)
     except PoolError as exc:
         raise from_pool_error(exc, debug=service.config.debug) from None
     service.metrics.observe(name, "ok", outcome.elapsed)

@@ -16,7 +16,11 @@ queues without bound. This pool instead:
 - enforces timeouts from the start time each worker writes in the shared-memory table, by killing
   the worker (the only way to stop arbitrary Python code) and replacing it; with a memory limit,
   a worker whose RSS passes twice the limit in the middle of a task is killed the same way;
-- refuses work beyond `max_pending` waiting calls at once (Overloaded), never buffers without bound.
+- refuses work beyond `max_pending` waiting calls at once (Overloaded), never buffers without bound;
+- moves binary payloads larger than `shm_threshold` through shared-memory segments instead of the
+  sockets (workers/shm.py): the pool owns the segment pool, hands each call's segments to its worker
+  as (name, length) handles, grants result segments on request, and releases every segment a call
+  held once its worker is done with it: result, error, crash, timeout kill, abandonment or close.
 
 Everything on the loop is a short non-blocking step; process start, which can block for a few
 milliseconds inside multiprocessing, and the final stop run on one small helper thread.
@@ -45,15 +49,21 @@ from typing import Any, NamedTuple
 
 from workers import framing
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
+from workers.shm import Lease, Segment, SegmentPool, ShmRef, new_prefix, plan_budget
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
 from workers.worker import (
+    ALLOC,
     ERROR,
+    FORGET,
+    GRANT,
     KIND_FUNCTION,
     KIND_MAP,
     KIND_TASK,
+    OK,
     OK_JSON,
     OK_MAP,
     OK_PICKLED,
+    OK_SHM,
     PROGRESS,
     READY,
     RETIRE,
@@ -95,6 +105,9 @@ class PoolOptions:
     start_timeout: float = 60.0
     cancel_running: bool = False  # stop a running call when its caller goes away
     debug: bool = False
+    shm_threshold: int = 256 * 1024  # binary payloads larger than this go through shared memory
+    shm_budget: int | None = None  # bytes of /dev/shm for payloads; None: 3/4 of its free space; 0: off
+    shm_need: int = 0  # bytes the largest payload in and out takes: less budget than this is warned about
 
 
 Waiter = asyncio.Future[Any] | cf.Future[Any]
@@ -102,8 +115,8 @@ ProgressCallback = Callable[[float, float | None, str | None], None]
 
 
 class _Call:
-    __slots__ = ("encode", "id", "kill_on_cancel", "kind", "name", "payload", "progress", "timeout", "waiter",
-                 "worker")
+    __slots__ = ("encode", "id", "kill_on_cancel", "kind", "leases", "name", "payload", "progress", "results",
+                 "shared", "timeout", "waiter", "worker")
 
     def __init__(
         self,
@@ -125,9 +138,22 @@ class _Call:
         self.worker: _Worker | None = None
         self.progress: ProgressCallback | None = None
         self.kill_on_cancel = False
+        self.leases: list[Lease] | None = None  # segments holding its arguments, held until the worker is done
+        self.results: list[Lease] | None = None  # segments granted for its results, not yet answered
+        self.shared = False  # its caller takes a bytes result as a Lease (and releases it)
 
     def message(self) -> tuple[Any, ...]:
-        return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None)
+        if self.leases is None:
+            return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None, False)
+        if self.kind == KIND_MAP:
+            payload: Any = [_refs(item) for item in self.payload]
+        else:
+            payload = _refs(self.payload)
+        return (self.id, self.kind, self.name, payload, self.encode, self.progress is not None, True)
+
+
+def _refs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.ref() if type(v) is Lease else v) for k, v in kwargs.items()}
 
 
 class _Worker:
@@ -206,6 +232,8 @@ class WorkerPool(cf.Executor):
         self._close_task: asyncio.Future[None] | None = None
         self._closing = False
         self._closed = False
+        self.prefix = new_prefix()  # of every shared-memory name this pool creates (table and segments)
+        self.segments: SegmentPool | None = None  # None: large payloads go through the sockets
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -215,7 +243,13 @@ class WorkerPool(cf.Executor):
         self._loop_thread = threading.get_ident()
         self._quiet = asyncio.Event()
         self._quiet.set()
-        self._table = WorkerTable.create(self.size)
+        self._table = WorkerTable.create(self.size, name=f"{self.prefix}table")
+        options = self.options
+        budget = plan_budget(options.shm_budget, options.shm_need) if options.shm_budget != 0 else 0
+        if budget > 0:
+            self.segments = SegmentPool(
+                threshold=options.shm_threshold, budget=budget, prefix=self.prefix, on_unlink=self._forget
+            )
         # The forkserver imports these once; every worker forked from it starts with them loaded.
         self._ctx.set_forkserver_preload(["workers.worker", "workers.builtin_tasks"])
         self._started = asyncio.Event()
@@ -260,6 +294,7 @@ class WorkerPool(cf.Executor):
             self._tick_handle.cancel()
         for call in self._queue:
             _settle(call.waiter, error=PoolClosed())
+            _drop(call)
         self._queue.clear()
         procs: list[BaseProcess] = []
         for w in self._workers:
@@ -267,6 +302,7 @@ class WorkerPool(cf.Executor):
                 continue
             for call in w.inflight:
                 _settle(call.waiter, error=PoolClosed())
+                _drop(call)  # the segments are unlinked once the workers are gone
             w.dying = w.dying or "shutdown"
             busy = bool(w.inflight)
             w.inflight.clear()
@@ -289,6 +325,8 @@ class WorkerPool(cf.Executor):
         if self._table is not None:
             self._table.close()
             self._table = None
+        if self.segments is not None:
+            await self.segments.aclose()  # after the workers are gone: nobody writes into a segment any more
         if self._quiet is not None:
             self._quiet.set()
 
@@ -303,14 +341,19 @@ class WorkerPool(cf.Executor):
         encode_json: bool = False,
         on_progress: ProgressCallback | None = None,
         kill_on_cancel: bool = False,
+        shared_result: bool = False,
     ) -> Outcome:
         """Run a registered task in a worker; the loop-native path (no concurrent.futures layer).
 
-        `kwargs` must be plain data (what JSON decodes to, and bytes). Raises TaskFailed,
-        WorkerCrashed, TaskTimeout, Overloaded or PoolClosed. `on_progress` is called on the loop
-        with what the task reports through `progress()`. Cancelling the awaiting coroutine drops the
-        call if no worker has taken it yet, and stops it if it runs when `kill_on_cancel` (or the
-        pool's cancel_running) is set.
+        `kwargs` must be plain data (what JSON decodes to, and bytes), or a `Lease` from
+        `payload_buffer()` standing for bytes: the call holds its own reference until the worker is
+        done with it, so the caller releases its own whenever it likes. Bytes larger than the
+        threshold travel through shared memory either way. Raises TaskFailed, WorkerCrashed,
+        TaskTimeout, Overloaded or PoolClosed. `on_progress` is called on the loop with what the
+        task reports through `progress()`. Cancelling the awaiting coroutine drops the call if no
+        worker has taken it yet, and stops it if it runs when `kill_on_cancel` (or the pool's
+        cancel_running) is set. With `shared_result`, a large bytes result comes as a `Lease` on
+        the segment the worker wrote it into (no copy): the caller must `release()` it.
         """
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
@@ -320,6 +363,14 @@ class WorkerPool(cf.Executor):
         )
         call.progress = on_progress
         call.kill_on_cancel = kill_on_cancel
+        call.shared = shared_result
+        segments = self.segments
+        if segments is not None:
+            threshold = segments.threshold
+            for value in kwargs.values():
+                if type(value) is Lease or (type(value) is bytes and len(value) > threshold):
+                    await self._share(call)
+                    break
         return await self._await(call, waiter)
 
     async def call_chunk(
@@ -337,10 +388,66 @@ class WorkerPool(cf.Executor):
             next(self._ids), KIND_MAP, task, items, True,
             timeout if timeout is not None else self.options.task_timeout * max(1, len(items)), waiter,
         )
+        segments = self.segments
+        if segments is not None:
+            threshold = segments.threshold
+            if any(
+                type(v) is Lease or (type(v) is bytes and len(v) > threshold) for item in items for v in item.values()
+            ):
+                await self._share(call)
         return await self._await(call, waiter)
 
+    async def payload_buffer(self, size: int) -> Lease | None:
+        """A writable shared-memory buffer for a payload of `size` bytes (e.g. a request body read
+        from the socket), to pass as a task argument; None when `size` is not above the threshold
+        or there is no room (then use bytes: `call()` tries shared memory once more, else they go
+        through the socket). Release it when done."""
+        segments = self.segments
+        if segments is None or self._closing or size <= segments.threshold:
+            return None
+        return await segments.lease(size, "in", count_pipe=False)  # counted when the bytes are sent
+
+    @property
+    def shm_threshold(self) -> int | None:
+        """Binary payloads larger than this go through shared memory; None: never."""
+        return self.segments.threshold if self.segments is not None else None
+
+    async def _share(self, call: _Call) -> None:
+        """Give the call its own reference to each Lease among its arguments, and copy bytes larger
+        than the threshold into new leases (those that find no room stay bytes)."""
+        assert self.segments is not None
+        segments = self.segments
+        leases: list[Lease] = []
+        call.leases = leases  # released with the call, even if this is cancelled half-way
+        try:
+            if call.kind == KIND_MAP:
+                call.payload = [await self._share_kwargs(item, segments, leases) for item in call.payload]
+            else:
+                call.payload = await self._share_kwargs(call.payload, segments, leases)
+        except BaseException:
+            _drop(call)
+            raise
+
+    @staticmethod
+    async def _share_kwargs(kwargs: dict[str, Any], segments: SegmentPool, leases: list[Lease]) -> dict[str, Any]:
+        out = dict(kwargs)
+        for key, value in kwargs.items():
+            if type(value) is Lease:
+                leases.append(value.retain())
+            elif type(value) is bytes and len(value) > segments.threshold:
+                lease = await segments.lease(len(value), "in")
+                if lease is not None:
+                    leases.append(lease)
+                    lease.buffer[: len(value)] = value
+                    out[key] = lease
+        return out
+
     async def _await(self, call: _Call, waiter: asyncio.Future[Any]) -> Any:
-        self._admit(call)
+        try:
+            self._admit(call)
+        except BaseException:
+            _drop(call)
+            raise
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -419,6 +526,7 @@ class WorkerPool(cf.Executor):
             self._admit(call)
         except Exception as exc:  # noqa: BLE001 - Overloaded/PoolClosed go to the caller's future
             _settle(call.waiter, error=exc)
+            _drop(call)
 
     def _admit(self, call: _Call) -> None:
         if self._closing:
@@ -431,6 +539,7 @@ class WorkerPool(cf.Executor):
                     if _claim(call):
                         self._assign(w, call)
                     else:
+                        _drop(call)
                         self._park(w)
                     return
             if self._short(call.name):
@@ -438,6 +547,8 @@ class WorkerPool(cf.Executor):
                     if candidate is not None and self._can_pipeline(candidate):
                         if _claim(call):
                             self._assign(candidate, call)
+                        else:
+                            _drop(call)
                         return
         if len(self._queue) >= self.max_pending:
             raise Overloaded(len(self._queue))
@@ -455,6 +566,9 @@ class WorkerPool(cf.Executor):
 
     def _assign(self, w: _Worker, call: _Call) -> None:
         call.worker = w
+        if call.leases is not None:
+            for lease in call.leases:
+                lease.segment.mapped_by.add(w.pid)
         w.inflight.append(call)
         w.outbox.append(call.message())
         self._quiet_clear()
@@ -480,7 +594,8 @@ class WorkerPool(cf.Executor):
             call = queue.popleft()
             if _claim(call):
                 self._assign(w, call)
-            # else: its caller went away while it waited
+            else:  # its caller went away while it waited
+                _drop(call)
         self._park(w)
         self._check_quiet()
 
@@ -498,6 +613,7 @@ class WorkerPool(cf.Executor):
         if w is None:
             with contextlib.suppress(ValueError):
                 self._queue.remove(call)
+                _drop(call)
             self._check_quiet()
         elif (self.options.cancel_running or call.kill_on_cancel) and self._running_call(w) == call.id:
             self._kill(w, "cancelled")
@@ -533,6 +649,7 @@ class WorkerPool(cf.Executor):
                 for call in [c for c in w.inflight if c.id == message[0]]:
                     w.inflight.remove(call)
                     _settle(call.waiter, error=TaskFailed(type(exc).__name__, f"arguments cannot be sent: {exc}"))
+                    _drop(call)
         if not w.inflight:
             self._park(w)
             self._check_quiet()
@@ -603,6 +720,9 @@ class WorkerPool(cf.Executor):
             if status == PROGRESS:
                 self._progress(w, call_id, payload)
                 continue
+            if status == ALLOC:
+                self._grant(w, call_id, payload)
+                continue
             if status == RETIRE:  # it will exit once this frame is out: send it nothing more
                 w.dying = w.dying or RETIRE_REASONS.get(payload, "retired")
                 if w.idle:
@@ -617,9 +737,24 @@ class WorkerPool(cf.Executor):
             if call.kind == KIND_MAP:  # the time per item is what says whether the task is short
                 elapsed /= max(1, len(call.payload))
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
+            if call.leases is not None:
+                _drop_leases(call.leases)  # the worker is done with its arguments
+                call.leases = None
             if status == ERROR:
                 _settle(call.waiter, error=TaskFailed(*payload))
+                if call.results is not None:
+                    _drop(call)
                 continue
+            if status == OK_SHM:
+                payload = self._shared_result(call, payload, call.shared)
+            elif status == OK_MAP and call.results is not None:
+                payload = [
+                    (OK, self._shared_result(call, value, False), item_elapsed) if item_status == OK_SHM
+                    else (item_status, value, item_elapsed)
+                    for item_status, value, item_elapsed in payload
+                ]
+            if call.results is not None:
+                _drop(call)  # granted but not used (the result was small after all, or failed)
             if status == OK_PICKLED:
                 try:
                     payload = pickle.loads(payload)
@@ -636,8 +771,65 @@ class WorkerPool(cf.Executor):
                     else Outcome(value, w.pid, item_elapsed, item_status == OK_JSON)
                     for item_status, value, item_elapsed in payload
                 ])
+            elif not _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON)) and type(
+                payload
+            ) is Lease:
+                payload.release()  # nobody is waiting for it any more
+
+    def _shared_result(self, call: _Call, ref: ShmRef, shared: bool) -> Lease | bytes:
+        """The result the worker wrote into a segment granted to this call: that lease (the caller
+        takes it over) or its bytes (copied, the segment released at once)."""
+        results = call.results or []
+        for i, lease in enumerate(results):
+            if lease.name == ref[0]:
+                del results[i]
+                break
+        else:  # cannot happen: the worker writes only into segments granted to this call
+            log.error("call %d answered with segment %s, which was not granted to it", call.id, ref[0])
+            return b""
+        lease.length = ref[1]
+        if shared:
+            return lease
+        try:
+            return lease.tobytes()
+        finally:
+            lease.release()
+
+    def _grant(self, w: _Worker, call_id: int, size: int) -> None:
+        """The worker asks for a segment for its running call's bytes result: from the free list now,
+        or a new one made off the loop; with no room, None (it sends the bytes inline)."""
+        call = next((c for c in w.inflight if c.id == call_id), None)
+        segments = self.segments
+        lease = segments.take(size, "out") if segments is not None and call is not None else None
+        if lease is not None or call is None or segments is None:
+            if lease is None and segments is not None:
+                segments.count_pipe("out")
+            self._send_grant(w, call_id, call, lease)
+        else:
+            self._spawn_task(self._grant_new(w, call, segments, size))
+
+    async def _grant_new(self, w: _Worker, call: _Call, segments: SegmentPool, size: int) -> None:
+        self._send_grant(w, call.id, call, await segments.lease(size, "out"))
+
+    def _send_grant(self, w: _Worker, call_id: int, call: _Call | None, lease: Lease | None) -> None:
+        """Answer an ALLOC (the worker waits for it): the segment, now the call's, or None."""
+        if lease is not None:
+            if call is None or w.eof or w.dying or not any(c is call for c in w.inflight):
+                lease.release()  # the call or its worker is gone meanwhile
+                lease = None
             else:
-                _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON))
+                lease.segment.mapped_by.add(w.pid)
+                if call.results is None:
+                    call.results = []
+                call.results.append(lease)
+        if not w.eof:
+            self._write(w, *framing.dumps((GRANT, call_id, None if lease is None else lease.name)))
+
+    def _forget(self, segment: Segment) -> None:
+        """A segment was unlinked: the workers that may have it mapped unmap it (freeing its memory)."""
+        for w in self._workers:
+            if w is not None and w.pid in segment.mapped_by and not w.eof and not w.dying:
+                self._write(w, *framing.dumps((FORGET, [segment.name])))
 
     @staticmethod
     def _progress(w: _Worker, call_id: int, report: tuple[float, float | None, str | None]) -> None:
@@ -669,6 +861,8 @@ class WorkerPool(cf.Executor):
             if self._table is None:
                 return
             now = time.monotonic()
+            if self.segments is not None:
+                self.segments.trim(now)
             ceiling = _MEMORY_CEILING * self.options.max_worker_memory
             for w in self._workers:
                 if w is None or w.dying or not w.inflight:
@@ -737,12 +931,18 @@ class WorkerPool(cf.Executor):
         lost = max(0, row.tasks_done - w.done) if mine else 0  # finished, results never sent
         requeue = []
         for i, call in enumerate(w.inflight):
+            if call.results is not None:  # it may have half-written them: never handed on
+                _drop_leases(call.results)
+                call.results = None
             if i < lost or call.id == running:
                 if _settle(call.waiter, error=WorkerCrashed(w.pid, exitcode)):
                     log.error("worker %d died running %s (%s)", w.pid, call.name, describe_exit(exitcode))
+                _drop(call)
             elif not call.waiter.done():
                 call.worker = None
-                requeue.append(call)
+                requeue.append(call)  # with its argument segments, for the next worker
+            else:
+                _drop(call)
         w.inflight.clear()
         if reason == "crashed" and running is None and not lost:
             log.error("worker %d exited unexpectedly (%s)", w.pid, describe_exit(exitcode))
@@ -799,6 +999,7 @@ class WorkerPool(cf.Executor):
             max_tasks=self.options.max_tasks_per_worker,
             max_memory=self.options.max_worker_memory,
             debug=self.options.debug,
+            shm_threshold=self.shm_threshold,
         )
         proc = self._ctx.Process(
             target=worker_main, args=(child, options), name=f"procbridge-worker-{slot}", daemon=True
@@ -862,6 +1063,22 @@ class WorkerPool(cf.Executor):
     def _check_quiet(self) -> None:
         if self._quiet is not None and not self._quiet.is_set() and self._is_quiet():
             self._quiet.set()
+
+
+def _drop(call: _Call) -> None:
+    """Release every segment a call holds (its worker is done with them, or never got them)."""
+    if call.leases is not None:
+        _drop_leases(call.leases)
+        call.leases = None
+    if call.results is not None:
+        _drop_leases(call.results)
+        call.results = None
+
+
+def _drop_leases(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
+    leases.clear()
 
 
 def _exitcode(proc: BaseProcess) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -44,6 +45,13 @@ class WorkerRow:
     def state_name(self) -> str:
         return STATE_NAMES.get(self.state, "starting")
 
+    def task_started_at(self) -> float | None:
+        """Unix time the running task started, None unless busy. The row holds a CLOCK_MONOTONIC
+        stamp (system-wide, so the worker's stamp means the same here); this converts it."""
+        if self.state != BUSY or self.started_at <= 0:
+            return None
+        return time.time() - (time.monotonic() - self.started_at)
+
 
 class WorkerTable:
     """A view of the table; the pool creates (and unlinks) it, workers attach by name."""
@@ -56,8 +64,8 @@ class WorkerTable:
         self.name = shm.name
 
     @classmethod
-    def create(cls, slots: int) -> WorkerTable:
-        shm = shared_memory.SharedMemory(create=True, size=max(1, slots) * ROW_SIZE)
+    def create(cls, slots: int, name: str | None = None) -> WorkerTable:
+        shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, slots) * ROW_SIZE)
         table = cls(shm, slots, owner=True)
         for slot in range(slots):
             table.clear(slot)

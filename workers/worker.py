@@ -8,6 +8,12 @@ under a millisecond, finished results wait (at most ~1 ms) and go back in one fr
 Anything user-defined crosses the socket pickled on its own (an executor call's function and
 arguments, a result that is not a plain scalar), so a call or a result that cannot be decoded on
 the other side fails that call only, never the frame it travels in.
+
+Large binary payloads do not cross the socket at all (workers/shm.py): an argument arrives as a
+`ShmRef` to a segment the service filled, which the task gets as a read-only memoryview (parameter
+annotated `memoryview`, zero copy) or as bytes (annotated `bytes`: one copy, here); a bytes result
+larger than the threshold is written into a segment the service grants on request (ALLOC), and only
+its name and length go back.
 """
 
 from __future__ import annotations
@@ -28,13 +34,16 @@ import orjson
 
 from workers import context, registry
 from workers.framing import BlockingFrames, dumps
+from workers.registry import _strip_annotated, _strip_optional
+from workers.shm import Mappings, ShmRef
 from workers.stats import RETIRE_MAX_MEMORY, RETIRE_MAX_TASKS, RowWriter, WorkerTable
 
-# Messages, loop -> worker: a list of calls (call_id, kind, name, payload, encode_json, progress).
+# Messages, loop -> worker: a list of calls (call_id, kind, name, payload, encode_json, progress, shm).
 # KIND_TASK: payload is the kwargs of the registered task `name` (plain data).
 # KIND_FUNCTION: payload is pickle.dumps((fn, args, kwargs)) of an executor call.
 # KIND_MAP: payload is a list of kwargs for task `name`, run one after the other (a map chunk).
 # progress: whether the caller wants the task's progress() reports.
+# shm: whether some kwargs are ShmRef(name, length) handles to segments holding the bytes.
 KIND_TASK, KIND_FUNCTION, KIND_MAP = 0, 1, 2
 # Messages, worker -> loop: a list of results (call_id, status, payload, elapsed_seconds).
 # OK: the payload is the value (bytes or a plain scalar). OK_JSON: the value already encoded as JSON
@@ -42,9 +51,15 @@ KIND_TASK, KIND_FUNCTION, KIND_MAP = 0, 1, 2
 # traceback) strings. RETIRE (call id 0, payload the reason): the worker exits after this frame.
 # OK_MAP: the payload is a list of (status, payload, elapsed), one per item of a map chunk.
 # PROGRESS: (done, total, message) reported by the running call; sent at once, in its own frame.
-OK, ERROR, OK_JSON, OK_PICKLED, RETIRE, OK_MAP, PROGRESS = 0, 1, 2, 3, 4, 5, 6
+# ALLOC: the running call has a bytes result of `payload` bytes and asks for a segment to write it
+# into; sent at once, answered by a GRANT frame. OK_SHM: the result is ShmRef(name, length) in the
+# granted segment (also an item status inside OK_MAP).
+OK, ERROR, OK_JSON, OK_PICKLED, RETIRE, OK_MAP, PROGRESS, ALLOC, OK_SHM = 0, 1, 2, 3, 4, 5, 6, 7, 8
 # A frame holding this marker alone says the worker has finished starting.
 READY = "ready"
+# Control frames, loop -> worker (tuples, not lists): (GRANT, call_id, segment name | None) answers an
+# ALLOC (None: no room, send the bytes inline); (FORGET, [names]): those segments are unlinked, unmap them.
+GRANT, FORGET = "grant", "forget"
 
 _FAST = 0.0005  # a task whose average run is under this is worth coalescing behind
 _COALESCE_FOR = 0.001  # a finished result waits at most this long for company
@@ -64,6 +79,7 @@ class WorkerOptions:
     max_tasks: int = 0  # 0: no limit
     max_memory: int = 0  # bytes of RSS; 0: no limit
     debug: bool = False
+    shm_threshold: int | None = None  # bytes results larger than this ask for a segment; None: never
 
 
 def main(sock: socket.socket, options: WorkerOptions) -> None:
@@ -77,20 +93,64 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
     registry.load(options.modules)
     table = WorkerTable.attach(options.table_name, options.table_slots)
     row = RowWriter(table, options.slot, os.getpid())
-    frames = BlockingFrames(sock)
+    link = _Link(BlockingFrames(sock), options.shm_threshold)
     row.idle(time.process_time())
     try:
-        frames.send(READY)
-        _serve(frames, row, options)
+        link.frames.send(READY)
+        _serve(link, row, options)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the pool closed our socket while we wrote: it is stopping us
     finally:
         del row
+        link.maps.close()
         table.close()
 
 
-def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> None:
-    pending: deque[tuple[Any, ...]] = deque()
+class _Link:
+    """The worker's end of the wire: frames, the calls received and not yet run, and the segments
+    it has mapped. Control frames (grants, forgets) can arrive between call batches at any time."""
+
+    __slots__ = ("frames", "maps", "pending", "threshold")
+
+    def __init__(self, frames: BlockingFrames, threshold: int | None) -> None:
+        self.frames = frames
+        self.threshold = threshold
+        self.maps = Mappings()
+        self.pending: deque[tuple[Any, ...]] = deque()
+
+    def receive(self) -> bool:
+        """Wait for the next batch of calls (into `pending`); False once the service closed the socket."""
+        while True:
+            frame = self.frames.recv()
+            if frame is None:
+                return False
+            if type(frame) is list:
+                self.pending.extend(frame)
+                return True
+            self._control(frame)
+
+    def segment_for(self, call_id: int, size: int) -> tuple[str, memoryview] | None:
+        """Ask the service for a segment of at least `size` bytes for this call's result; None: no room."""
+        self.frames.send([(call_id, ALLOC, size, 0.0)])
+        while True:
+            frame = self.frames.recv()
+            if frame is None:
+                raise ConnectionResetError("the service closed the socket")
+            if type(frame) is list:
+                self.pending.extend(frame)  # calls pipelined behind this one: run after it
+            elif frame[0] == GRANT and frame[1] == call_id:
+                return None if frame[2] is None else (frame[2], self.maps.get(frame[2]))
+            else:
+                self._control(frame)
+
+    def _control(self, frame: tuple[Any, ...]) -> None:
+        if frame[0] == FORGET:
+            self.maps.forget(frame[1])
+
+
+def _serve(link: _Link, row: RowWriter, options: WorkerOptions) -> None:
+    pending = link.pending
+    frames = link.frames
     out: list[tuple[Any, ...]] = []
     first_unsent = 0.0
     averages: dict[str, float] = {}
@@ -99,10 +159,8 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
             if out:
                 _send(frames, out)
                 out = []
-            batch = frames.recv()
-            if batch is None:
+            if not link.receive():
                 return  # the service closed our socket: stop
-            pending.extend(batch)
             continue
         call = pending.popleft()
         name = call[2]
@@ -113,7 +171,7 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
         ):
             _send(frames, out)
             out = []
-        result = _run(call, row, frames)
+        result = _run(call, row, link)
         averages[name] = 0.8 * averages.get(name, result[3]) + 0.2 * result[3]
         if not out:
             first_unsent = time.perf_counter()
@@ -126,41 +184,84 @@ def _serve(frames: BlockingFrames, row: RowWriter, options: WorkerOptions) -> No
             return  # calls still in `pending` were not started: the pool hands them to another worker
 
 
-def _run(call: tuple[Any, ...], row: RowWriter, frames: BlockingFrames) -> tuple[Any, ...]:
-    call_id, kind, name, payload, encode, report = call
+def _run(call: tuple[Any, ...], row: RowWriter, link: _Link) -> tuple[Any, ...]:
+    call_id, kind, name, payload, encode, report, shared = call
     row.begin(call_id, name, time.monotonic(), time.process_time())
     if report:
-        context.set_sink(_ProgressSender(frames, call_id))
+        context.set_sink(_ProgressSender(link.frames, call_id))
+    views: list[memoryview] | None = None
     start = time.perf_counter()
     try:
         if kind == KIND_TASK:
-            value = _lookup(name)(**payload)
+            fn, view_param = _lookup(name)
+            if shared or view_param is not None:
+                views = []
+                payload = _materialize(payload, view_param, link.maps, views)
+            value = fn(**payload)
         elif kind == KIND_MAP:
-            value = _run_chunk(_lookup(name), payload)
+            value = _run_chunk(name, payload, shared, link, call_id)
         else:
             fn, args, kwargs = pickle.loads(payload)
             value = fn(*args, **kwargs)
-        status, value = (OK_MAP, value) if kind == KIND_MAP else _encode(value, encode)
+        status, value = (OK_MAP, value) if kind == KIND_MAP else _encode(value, encode, link, call_id)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
         status, value = ERROR, describe_exception(exc)
     finally:
         context.set_sink(None)
+        if views:
+            _release(views)
     elapsed = time.perf_counter() - start
     row.end(time.process_time())
     return (call_id, status, value, elapsed)
 
 
-def _run_chunk(fn: Any, items: list[dict[str, Any]]) -> list[tuple[int, Any, float]]:
+def _run_chunk(
+    name: str, items: list[dict[str, Any]], shared: bool, link: _Link, call_id: int
+) -> list[tuple[int, Any, float]]:
     """A map chunk: each item runs and fails on its own; results are JSON-encoded here."""
+    fn, view_param = _lookup(name)
     out = []
     for kwargs in items:
         start = time.perf_counter()
+        views: list[memoryview] = []
         try:
-            status, value = _encode(fn(**kwargs), True)
+            if shared or view_param is not None:
+                kwargs = _materialize(kwargs, view_param, link.maps, views)
+            status, value = _encode(fn(**kwargs), True, link, call_id)
         except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's result
             status, value = ERROR, describe_exception(exc)
+        finally:
+            if views:
+                _release(views)
         out.append((status, value, time.perf_counter() - start))
     return out
+
+
+def _materialize(
+    kwargs: dict[str, Any], view_param: str | None, maps: Mappings, views: list[memoryview]
+) -> dict[str, Any]:
+    """Turn ShmRef handles into what the task asked for: a read-only memoryview of the segment for
+    the parameter annotated `memoryview` (zero copy; valid during the call only), bytes for any other
+    (one copy). Inline bytes for a `memoryview` parameter are wrapped in one (read-only, no copy)."""
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if type(value) is ShmRef:
+            segment = maps.get(value.name)
+            if key == view_param:
+                view = segment[: value.length].toreadonly()
+                views.append(view)
+                out[key] = view
+            else:
+                out[key] = bytes(segment[: value.length])
+        elif key == view_param and isinstance(value, bytes):
+            out[key] = memoryview(value)
+    return out
+
+
+def _release(views: list[memoryview]) -> None:
+    for view in views:
+        with contextlib.suppress(BufferError):  # the task kept something built on it; it goes with that
+            view.release()
 
 
 class _ProgressSender:
@@ -186,14 +287,12 @@ class _ProgressSender:
         self._frames.send([(self._call_id, PROGRESS, report, 0.0)])
 
 
-def _encode(value: Any, encode: bool) -> tuple[int, Any]:
-    """Bytes stay bytes; anything else becomes JSON here, off the loop, when the caller asks; any
-    other value that is not a plain scalar is pickled on its own (one that will not pickle fails
-    this call only)."""
-    if type(value) is bytes:
-        return OK, value
+def _encode(value: Any, encode: bool, link: _Link | None = None, call_id: int = 0) -> tuple[int, Any]:
+    """Bytes stay bytes (written into a granted segment when larger than the threshold); anything
+    else becomes JSON here, off the loop, when the caller asks; any other value that is not a plain
+    scalar is pickled on its own (one that will not pickle fails this call only)."""
     if isinstance(value, bytes | bytearray | memoryview):
-        return OK, bytes(value)
+        return _binary(value, link, call_id)
     if encode:
         try:
             return OK_JSON, orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
@@ -206,11 +305,38 @@ def _encode(value: Any, encode: bool) -> tuple[int, Any]:
     except BaseException as exc:  # noqa: BLE001 - even a __reduce__ that raises SystemExit
         kind, message, tb = describe_exception(exc)
         return ERROR, (kind, f"the task's result cannot be sent back: {message}", tb)
-def _lookup(name: str) -> Any:
-    spec = registry.get(name)
-    if spec is None:
-        raise LookupError(f"task {name!r} is not registered in this worker")
-    return spec.fn
+
+
+def _binary(value: bytes | bytearray | memoryview, link: _Link | None, call_id: int) -> tuple[int, Any]:
+    size = len(value) if type(value) is bytes else memoryview(value).nbytes
+    if link is None or link.threshold is None or size <= link.threshold:
+        return OK, value if type(value) is bytes else bytes(value)
+    data = memoryview(value)
+    if not data.c_contiguous:
+        data = memoryview(data.tobytes())
+    granted = link.segment_for(call_id, size)
+    if granted is None:  # no room in shared memory: inline, as a small result would go
+        return OK, data.tobytes()
+    name, segment = granted
+    segment[:size] = data.cast("B")
+    return OK_SHM, ShmRef(name, size)
+
+
+_TASKS: dict[str, tuple[Any, str | None]] = {}
+
+
+def _lookup(name: str) -> tuple[Any, str | None]:
+    """The task's function, and the name of its parameter annotated `memoryview` (if any)."""
+    found = _TASKS.get(name)
+    if found is None:
+        spec = registry.get(name)
+        if spec is None:
+            raise LookupError(f"task {name!r} is not registered in this worker")
+        param = spec.bytes_param
+        if param is not None and _strip_optional(_strip_annotated(spec.hints.get(param))) is not memoryview:
+            param = None
+        found = _TASKS[name] = (spec.fn, param)
+    return found
 
 
 def describe_exception(exc: BaseException) -> tuple[str, str, str]:

@@ -34,6 +34,8 @@ SETTINGS = [
     ("--api-keys", "PROCBRIDGE_API_KEYS", "api_keys", "a,b", "c", ("a", "b"), ("c",)),
     ("--rate-limit", "PROCBRIDGE_RATE_LIMIT", "rate_limit", "20/s", "600/min", RateLimit(20, 1), RateLimit(600, 60)),
     ("--shutdown-grace", "PROCBRIDGE_SHUTDOWN_GRACE", "shutdown_grace", "3", "0", 3.0, 0.0),
+    ("--shm-threshold", "PROCBRIDGE_SHM_THRESHOLD", "shm_threshold", "1MiB", "4096", MIB, 4096),
+    ("--shm-budget", "PROCBRIDGE_SHM_BUDGET", "shm_budget", "512MiB", "0", 512 * MIB, 0),
 ]
 
 
@@ -42,6 +44,12 @@ def test_every_flag_has_an_env_var_and_flags_win(flag, var, attr, flag_value, en
     assert getattr(load([], {var: env_value}), attr) == from_env
     assert getattr(load([flag, flag_value], {}), attr) == from_flag
     assert getattr(load([flag, flag_value], {var: env_value}), attr) == from_flag
+
+
+def test_dask_executor_isolation_option():
+    assert load(["--executor", "dask://sched:8786?isolate=thread"], {}).executor == (
+        "dask://sched:8786?isolate=thread"
+    )
 
 
 def test_boolean_flag_wins_over_env():
@@ -65,6 +73,8 @@ def test_defaults():
     assert config.api_keys == ()
     assert config.rate_limit is None
     assert config.shutdown_grace == 25
+    assert config.shm_threshold == 256 * 1024
+    assert config.shm_budget is None  # decided at start-up from /dev/shm's free space
 
 
 def test_max_pending_defaults_to_four_per_worker():
@@ -126,6 +136,7 @@ def test_rate_limits():
         ([], {"PROCBRIDGE_MAX_BODY": "-1"}, "PROCBRIDGE_MAX_BODY"),
         (["--executor", "foo"], {}, "--executor"),
         (["--executor", "dask://nohost"], {}, "--executor"),
+        (["--executor", "dask://sched:8786?isolate=fork"], {}, "--executor"),
         (["--rate-limit", "x"], {}, "--rate-limit"),
         (["--rate-limit", "0/s"], {}, "--rate-limit"),
         (["--rate-limit", "10/fortnight"], {}, "--rate-limit"),

@@ -247,8 +247,8 @@ async def test_a_task_module_that_fails_to_import_fails_start_and_leaves_nothing
     tables: list[str] = []
     create = WorkerTable.create
 
-    def recording_create(cls: type[WorkerTable], slots: int) -> WorkerTable:
-        table = create(slots)
+    def recording_create(cls: type[WorkerTable], slots: int, name: str | None = None) -> WorkerTable:
+        table = create(slots, name=name)
         tables.append(table.name)
         return table
 
@@ -260,6 +260,11 @@ async def test_a_task_module_that_fails_to_import_fails_start_and_leaves_nothing
     assert pool.pids() == [] and pool.rows() == []
     assert _worker_processes() - workers_before == set(), "a worker outlived the failed start"
     assert len(tables) == 1 and not (Path("/dev/shm") / tables[0]).exists()
+    assert not _names_starting(pool.prefix), "a failed start left a shared-memory segment"
+
+
+def _names_starting(prefix: str) -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
 
 
 def test_fault_module_is_importable_in_workers() -> None:

@@ -1,0 +1,716 @@
+"""`./scripts/bench`: procbridge against three baselines, on this machine, in one go.
+
+    ./scripts/bench [--quick | --smoke] [--json FILE] [--markdown FILE] [--img-dir DIR]
+
+Every contender is started here as a subprocess on a free loopback port and stopped at the end:
+1. naive (aiohttp, the function inline on the loop), 2. stdlib (aiohttp + a stock
+ProcessPoolExecutor through run_in_executor), 3. gunicorn (sync workers, one per core, a minimal WSGI
+app), 4. procbridge (`python -m service serve`). All serve the same functions (`burn`, `primes` from
+workers.builtin_tasks). The load comes from `python -m bench.loadtest` in its own process.
+
+Phases: the direct rate of each function in one process; the executor dispatch cost with no HTTP
+(scripts/pool_overhead.py); per contender: saturating closed-loop `burn` at 10 ms and 1 ms, a no-op
+task (`primes` with limit 1) and `GET /healthz` at the same concurrency, and `/healthz` in open loop
+while a saturating `burn` load runs; a py-spy profile of procbridge under the no-op load; and
+scripts/shm_bench.py when it exists. It writes the figures as JSON and a Markdown report with PNG
+plots; a figure that misses its goal is marked MISSED there.
+
+`--quick` takes a few minutes on 2 cores; the default (full) runs longer for steadier figures;
+`--smoke` is seconds long and only proves the machinery works (its figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTENDERS = ("naive", "stdlib", "gunicorn", "procbridge")
+NOOP_ARGS = {"limit": 1}  # primes(limit=1): returns at once; the same function for every contender
+SHM_SECTION = "## Shared-memory payloads"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    warmup: float  # seconds of load before measuring, per run
+    duration: float  # seconds measured: saturating burn runs and /healthz under saturation
+    short: float  # seconds measured: no-op and idle /healthz throughput
+    healthz_rate: float  # open-loop /healthz requests per second under saturation
+    direct_seconds: float  # per function, for the direct in-process rate
+    dispatch_calls: int  # per contender of scripts/pool_overhead.py
+    profile_seconds: float  # py-spy sampling time (0: no profile)
+    shm_timeout: float  # seconds scripts/shm_bench.py may take
+    request_timeout: float  # per request, and the load test's drain at its end
+
+
+PLANS = {
+    "full": Plan("full", 3.0, 20.0, 10.0, 100.0, 3.0, 40_000, 10.0, 600.0, 30.0),
+    "quick": Plan("quick", 1.0, 6.0, 4.0, 100.0, 1.5, 10_000, 5.0, 120.0, 15.0),
+    "smoke": Plan("smoke", 0.05, 0.25, 0.2, 50.0, 0.1, 300, 0.0, 60.0, 10.0),
+}
+
+# name: (direction, target, what it means)
+GOALS: dict[str, tuple[str, float, str]] = {
+    "cpu_efficiency": (">=", 0.90, "procbridge burn(10 ms) throughput / (workers × direct rate)"),
+    "cpu_efficiency_1ms": (">=", 0.80, "the same with 1 ms tasks"),
+    "dispatch_ratio_vs_stdlib": ("<=", 0.25, "executor time per no-op task via run_in_executor, procbridge / stock"),
+    "dispatch_ratio_native": ("<=", 0.25, "the loop-native `await pool.call` path / stock (no separate goal; "
+                                          "held to the same bar)"),
+    "noop_http_ratio": (">=", 0.60, "procbridge req/s on a no-op task / req/s of GET /healthz on the same app"),
+    "healthz_p99_ms_saturated": ("<=", 10.0, "p99 of /healthz (ms) while burn saturates the workers"),
+    "gunicorn_cpu_ratio": (">=", 0.95, "procbridge burn(10 ms) throughput / gunicorn's"),
+    "gunicorn_cpu_ratio_1ms": (">=", 1.00, "procbridge burn(1 ms) throughput / gunicorn's"),
+    "healthz_p99_ratio_vs_gunicorn": ("<", 1.0, "procbridge /healthz p99 / gunicorn's, both under saturation "
+                                                "(\"a fraction of gunicorn's latency\")"),
+    "shm_speedup_10mib": (">=", 5.0, "10 MiB round trip: stock ProcessPoolExecutor pickling time / procbridge's"),
+}
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_status(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+# -- contenders -----------------------------------------------------------------------------------
+
+
+class Server:
+    """A contender: started as its own process group on a free loopback port, stopped with SIGTERM,
+    and whatever it started is killed (by pid) if still alive after that."""
+
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.ready_path = ready_path
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen: dict[int, psutil.Process] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                if http_status(self.url + self.ready_path) == 200:
+                    break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} was not ready within {timeout:g} s:\n{self.log()}")
+            time.sleep(0.05)
+        self.processes()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and its descendants now (remembered for the final clean-up)."""
+        assert self.proc is not None
+        try:
+            top = psutil.Process(self.proc.pid)
+            procs = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        for p in procs:
+            self.seen.setdefault(p.pid, p)
+        return procs
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None:
+            return
+        self.processes()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not stop within {timeout:g} s after SIGTERM: killing it")
+                self.proc.kill()
+                self.proc.wait(10)
+        for p in self.seen.values():  # only processes this server started, by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+
+
+def make_server(name: str, workers: int, workdir: Path) -> Server:
+    py = sys.executable
+    port = free_port()
+    if name == "naive":
+        argv = [py, "-m", "bench.apps.naive", "--port", str(port)]
+        return Server(name, argv, port, "/healthz", workdir)
+    if name == "stdlib":
+        argv = [py, "-m", "bench.apps.stdlib", "--port", str(port), "--workers", str(workers)]
+        return Server(name, argv, port, "/healthz", workdir)
+    if name == "gunicorn":
+        argv = [py, "-m", "gunicorn", "-k", "sync", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+                "--chdir", str(ROOT), "--log-level", "warning", "--graceful-timeout", "5", "--backlog", "2048",
+                "bench.apps.wsgi:app"]
+        return Server(name, argv, port, "/healthz", workdir)
+    if name == "procbridge":
+        argv = [py, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                "--store", str(workdir / "jobs.db"), "--log-level", "warning", "--shutdown-grace", "5"]
+        return Server(name, argv, port, "/readyz", workdir)
+    raise ValueError(name)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def direct_rate(fn: Callable[..., Any], kwargs: dict[str, Any], seconds: float) -> float:
+    """Calls per second of `fn(**kwargs)` called directly, one after another, in this process."""
+    fn(**kwargs)
+    n = 0
+    start = time.perf_counter()
+    now = start
+    while now - start < seconds or n < 3:
+        fn(**kwargs)
+        n += 1
+        now = time.perf_counter()
+    return n / (now - start)
+
+
+class Bench:
+    def __init__(self, plan: Plan, workers: int, workdir: Path, quiet: bool) -> None:
+        self.plan = plan
+        self.workers = workers
+        self.workdir = workdir
+        self.quiet = quiet
+        self.sat_concurrency = 3 * workers
+        self.noop_concurrency = 4 * workers
+        # the burn load of a paired run starts with the /healthz one (each in its own process, whose
+        # start-up takes a few hundred ms): it runs this much longer, and /healthz warms up half of it
+        self.pair_margin = 0.4 if plan.name == "smoke" else 1.0
+        self.warnings: list[str] = []
+        self.plot_requests: dict[str, str] = {}  # run label -> plot prefix (the load test draws them)
+
+    # one load test, in its own process
+    def loadtest_argv(self, url: str, label: str, args: Sequence[str]) -> tuple[list[str], Path]:
+        out = self.workdir / f"{label}.json"
+        argv = [sys.executable, "-m", "bench.loadtest", url, *args, "--json", str(out),
+                "--timeout", f"{self.plan.request_timeout:g}"]
+        if self.quiet:
+            argv.append("--quiet")
+        if label in self.plot_requests:
+            argv += ["--plots", self.plot_requests[label], "--title", label.replace("-", " ")]
+        return argv, out
+
+    def run_loads(self, server: Server, loads: dict[str, Sequence[str]]) -> dict[str, dict[str, Any]]:
+        """Run these load tests at the same time against `server`; each result gets the server's and
+        the machine's CPU use over the whole run."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        longest = 0.0
+        assert server.proc is not None
+        for label, args in loads.items():
+            argv, out = self.loadtest_argv(server.url, label, [*args, "--server-pid", str(server.proc.pid)])
+            log(f"{label}: {' '.join(shlex.quote(a) for a in argv[2:])}")
+            stdout = subprocess.DEVNULL if self.quiet else None
+            procs[label] = (subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout, stdin=subprocess.DEVNULL), out)
+            longest = max(longest, _seconds_of(args))
+        results: dict[str, dict[str, Any]] = {}
+        for label, (proc, out) in procs.items():
+            try:
+                rc = proc.wait(longest + 2 * self.plan.request_timeout + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                rc = -9
+            if rc != 0 or not out.exists():
+                raise RuntimeError(f"load test {label} failed (exit {rc})")
+            results[label] = json.loads(out.read_text())
+        for label, r in results.items():
+            self.warnings.extend(f"{label}: {w}" for w in r.get("warnings", []))
+        return results
+
+    def contender(self, name: str) -> dict[str, Any]:
+        p = self.plan
+        server = make_server(name, self.workers, self.workdir)
+        log(f"starting {name}: {' '.join(server.argv[1:])}")
+        server.start()
+        out: dict[str, Any] = {"argv": [Path(server.argv[0]).name, *server.argv[1:]]}
+        try:
+            common = ["--warmup", f"{p.warmup:g}"]
+            sat = ["--concurrency", str(self.sat_concurrency), "--duration", f"{p.duration:g}", *common]
+            short = ["--concurrency", str(self.noop_concurrency), "--duration", f"{p.short:g}", *common]
+            for ms in (10, 1):
+                label = f"{name}-burn{ms}"
+                out[f"burn{ms}"] = self.run_loads(server, {
+                    label: ["--task", "burn", "--args", json.dumps({"ms": ms}), *sat],
+                })[label]
+            out["noop"] = self.run_loads(server, {
+                f"{name}-noop": ["--task", "primes", "--args", json.dumps(NOOP_ARGS), *short],
+            })[f"{name}-noop"]
+            out["healthz"] = self.run_loads(server, {
+                f"{name}-healthz": ["--path", "/healthz", *short],
+            })[f"{name}-healthz"]
+            # /healthz in open loop while burn(10 ms) saturates the CPU work; the burn load starts
+            # first and ends last, so every /healthz request sees it.
+            both = self.run_loads(server, {
+                f"{name}-saturating-load": ["--task", "burn", "--args", json.dumps({"ms": 10}),
+                                            "--concurrency", str(self.sat_concurrency),
+                                            "--duration", f"{p.duration + p.warmup + self.pair_margin:g}",
+                                            "--warmup", "0"],
+                f"{name}-healthz-saturated": ["--path", "/healthz", "--rate", f"{p.healthz_rate:g}",
+                                              "--duration", f"{p.duration:g}",
+                                              "--warmup", f"{p.warmup + self.pair_margin / 2:g}"],
+            })
+            out["healthz_saturated"] = both[f"{name}-healthz-saturated"]
+            out["saturating_load"] = both[f"{name}-saturating-load"]
+            if name == "procbridge" and p.profile_seconds > 0:
+                out["profile"] = self.profile(server)
+        finally:
+            log(f"stopping {name}")
+            server.stop()
+        return out
+
+    def profile(self, server: Server) -> dict[str, Any]:
+        """py-spy samples of procbridge (loop process and workers) under the no-op load."""
+        from bench import profile as prof
+
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            return {"status": "not measured", "reason": "py-spy is not installed (it is in requirements-dev.lock)"}
+        p = self.plan
+        raw = self.workdir / "profile.raw"
+        label = "procbridge-noop-profiled"
+        argv, out = self.loadtest_argv(server.url, label, [
+            "--task", "primes", "--args", json.dumps(NOOP_ARGS), "--concurrency", str(self.noop_concurrency),
+            "--duration", f"{p.profile_seconds + 1.5:g}", "--warmup", "0.5", "--quiet",
+        ])
+        assert server.proc is not None
+        load = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            spy_argv = [spy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
+                        "--rate", "250", "--duration", f"{max(1, round(p.profile_seconds))}", "--format", "raw",
+                        "--output", str(raw)]
+            log("profiling procbridge under the no-op load: " + " ".join(spy_argv[1:]))
+            done = subprocess.run(spy_argv, capture_output=True, text=True, timeout=p.profile_seconds + 60)
+        finally:
+            load.wait(p.profile_seconds + p.request_timeout + 60)
+        if done.returncode != 0 or not raw.exists():
+            return {"status": "not measured", "reason": f"py-spy failed: {done.stderr.strip()[-500:]}"}
+        loadres = json.loads(out.read_text()) if out.exists() else {}
+        profiles = prof.parse_raw(raw.read_text().splitlines())
+        main, workers = prof.split_service(profiles, server.proc.pid)
+
+        def section(pp: prof.ProcessProfile | None, n: int) -> dict[str, Any]:
+            if pp is None:
+                return {"samples": 0}
+            inclusive = type(pp.inclusive)({k: v for k, v in pp.inclusive.items() if not prof.is_entry_chain(k)})
+            return {
+                "samples": pp.samples,
+                "areas": [[a, round(v, 1)] for a, v in prof.top(pp.areas, pp.samples, 20)],
+                "self": [[f, round(v, 1)] for f, v in prof.top(pp.self_time, pp.samples, n)],
+                "inclusive": [[f, round(v, 1)] for f, v in prof.top(inclusive, pp.samples, n)],
+            }
+
+        return {
+            "status": "measured",
+            "tool": "py-spy record --nonblocking --subprocesses --rate 250 (Python frames only)",
+            "seconds": p.profile_seconds,
+            "load": {"throughput_rps": loadres.get("throughput_rps"), "concurrency": self.noop_concurrency},
+            "loop_process": section(main, 15),
+            "workers": section(workers, 8),
+        }
+
+
+def _seconds_of(args: Sequence[str]) -> float:
+    total = 0.0
+    for flag in ("--duration", "--warmup"):
+        if flag in args:
+            total += float(args[list(args).index(flag) + 1])
+    return total
+
+
+# -- the dispatch benchmark and the shared-memory one ---------------------------------------------
+
+
+def dispatch(plan: Plan, workers: int) -> dict[str, Any]:
+    """scripts/pool_overhead.py in its own process: µs per no-op task, procbridge vs the stock pool."""
+    argv = [sys.executable, str(ROOT / "scripts" / "pool_overhead.py"), "--workers", str(workers),
+            "--calls", str(plan.dispatch_calls), "--concurrency", "64"]
+    log("dispatch: " + " ".join(argv[1:]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pool_overhead.py failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout))
+
+
+def shm(script: Path, timeout: float, workers: int | None = None) -> dict[str, Any]:
+    """scripts/shm_bench.py's JSON (it prints one object with `shm_speedup_10mib`), or why not."""
+    if not script.exists():
+        return {"status": "not measured", "reason": f"{_rel(script)} is not in this checkout"}
+    log(f"shared-memory payloads: {_rel(script)}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        argv = [sys.executable, str(script), *(["--workers", str(workers)] if workers else [])]
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "not measured", "reason": f"{_rel(script)} ran past {timeout:g} s"}
+    if done.returncode != 0:
+        return {"status": "not measured", "reason": f"{_rel(script)} exited {done.returncode}: "
+                                                    f"{done.stderr.strip()[-300:]}"}
+    data = _last_json_object(done.stdout)
+    if data is None or not isinstance(data.get("shm_speedup_10mib"), int | float):
+        return {"status": "not measured", "reason": f"{_rel(script)} printed no JSON with shm_speedup_10mib"}
+    return {"status": "measured", **data}
+
+
+def _last_json_object(text: str) -> dict[str, Any] | None:
+    with contextlib.suppress(ValueError):
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return whole
+    for start in reversed([m.start() for m in re.finditer(r"^\{", text, re.MULTILINE)]):
+        with contextlib.suppress(ValueError):
+            obj = json.loads(text[start:])
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+# -- figures --------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 4)
+
+
+def _thr(c: dict[str, Any], run: str) -> float | None:
+    r = c.get(run)
+    return float(r["throughput_rps"]) if r else None
+
+
+def _p99(c: dict[str, Any], run: str) -> float | None:
+    r = c.get(run)
+    if not r or not r["latency_ms"].get("count"):
+        return None
+    return float(r["latency_ms"]["p99"])
+
+
+def figures(results: dict[str, Any]) -> dict[str, float | None]:
+    w = results["workers"]
+    direct = results["direct"]
+    c = results["contenders"]
+    pb, gu, na = c.get("procbridge", {}), c.get("gunicorn", {}), c.get("naive", {})
+    disp = results["dispatch"]
+    stock = disp.get("stock_process_pool_us")
+    f: dict[str, float | None] = {
+        "cpu_efficiency": _ratio(_thr(pb, "burn10"), w * direct["burn10_per_s"]),
+        "cpu_efficiency_1ms": _ratio(_thr(pb, "burn1"), w * direct["burn1_per_s"]),
+        "dispatch_ratio_vs_stdlib": _ratio(disp.get("procbridge_run_in_executor_us"), stock),
+        "dispatch_ratio_native": _ratio(disp.get("procbridge_native_us"), stock),
+        "noop_http_ratio": _ratio(_thr(pb, "noop"), _thr(pb, "healthz")),
+        "healthz_p99_ms_saturated": _p99(pb, "healthz_saturated"),
+        "naive_healthz_p99_ms": _p99(na, "healthz_saturated"),
+        "gunicorn_cpu_ratio": _ratio(_thr(pb, "burn10"), _thr(gu, "burn10")),
+        "gunicorn_cpu_ratio_1ms": _ratio(_thr(pb, "burn1"), _thr(gu, "burn1")),
+        "gunicorn_healthz_p99_ms_saturated": _p99(gu, "healthz_saturated"),
+        "healthz_p99_ratio_vs_gunicorn": _ratio(_p99(pb, "healthz_saturated"), _p99(gu, "healthz_saturated")),
+        "shm_speedup_10mib": results["shm"].get("shm_speedup_10mib") if results["shm"]["status"] == "measured"
+        else None,
+    }
+    for name, cc in c.items():  # the same ratios for every contender, for the tables
+        f[f"{name}_cpu_efficiency"] = _ratio(_thr(cc, "burn10"), w * direct["burn10_per_s"])
+        f[f"{name}_cpu_efficiency_1ms"] = _ratio(_thr(cc, "burn1"), w * direct["burn1_per_s"])
+        f[f"{name}_noop_http_ratio"] = _ratio(_thr(cc, "noop"), _thr(cc, "healthz"))
+    return f
+
+
+def judge(figs: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, (op, target, meaning) in GOALS.items():
+        value = figs.get(name)
+        met: bool | None
+        if value is None:
+            met = None
+        elif op == ">=":
+            met = value >= target
+        elif op == "<=":
+            met = value <= target
+        else:
+            met = value < target
+        out[name] = {"value": value, "goal": f"{op.replace('>=', '≥').replace('<=', '≤')} {target:g}",
+                     "met": met, "meaning": meaning}
+    return out
+
+
+def _trim(run: dict[str, Any]) -> dict[str, Any]:
+    """A load test's result without its per-second timeline (the JSON stays small)."""
+    return {k: v for k, v in run.items() if k != "timeline"}
+
+
+# -- how undisturbed the machine was ---------------------------------------------------------------
+
+IDLE_CORES = 0.25  # busy cores below which the machine counts as idle
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    a = psutil.cpu_times()
+    time.sleep(seconds)
+    b = psutil.cpu_times()
+    idle = (b.idle - a.idle) + (getattr(b, "iowait", 0.0) - getattr(a, "iowait", 0.0))
+    total = sum(b) - sum(a) - (getattr(b, "guest", 0.0) - getattr(a, "guest", 0.0)) - (
+        getattr(b, "guest_nice", 0.0) - getattr(a, "guest_nice", 0.0))
+    return max(0.0, (total - idle) / seconds)
+
+
+def idle_check(wait: float) -> float:
+    """Busy cores on the machine just before starting; waits (up to `wait` s) for them to drop."""
+    deadline = time.monotonic() + wait
+    while True:
+        busy = busy_cores()
+        if busy < IDLE_CORES or time.monotonic() >= deadline:
+            break
+        log(f"the machine is busy ({busy:.2f} cores): waiting for it to be idle")
+    if busy >= IDLE_CORES:
+        log(f"WARNING: other processes keep {busy:.2f} cores busy: the figures will be disturbed")
+    return round(busy, 3)
+
+
+def disturbance(results: dict[str, Any], busy_before: float) -> dict[str, Any]:
+    """How much CPU processes other than the client and the server took during each load test."""
+    runs = []
+    for name, c in results["contenders"].items():
+        for run, r in c.items():
+            if isinstance(r, dict) and r.get("other_processes_cores") is not None:
+                runs.append((f"{name} {run}", float(r["other_processes_cores"])))
+    paired = {"healthz_saturated", "saturating_load"}  # there, the other load generator counts as "other"
+    disturbed = [(label, round(v, 2)) for label, v in runs
+                 if v > (IDLE_CORES + 0.15 if label.split()[-1] in paired else IDLE_CORES)]
+    return {
+        "busy_before_start_cores": busy_before,
+        "max_other_cores": round(max((v for _, v in runs), default=0.0), 3),
+        "disturbed_runs": disturbed,
+        "runs": len(runs),
+    }
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model or platform.processor(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("procbridge", "aiohttp", "uvloop", "orjson", "pydantic", "gunicorn", "hdrhistogram", "matplotlib",
+                 "py-spy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            out["git"] = rev.stdout.strip() + (", with uncommitted changes" if dirty.stdout.strip() else "")
+    return out
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+default_shm = ROOT / "scripts" / "shm_bench.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=(__doc__ or "").split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="shorter runs: a few minutes on 2 cores")
+    mode.add_argument("--smoke", action="store_true",
+                      help="seconds long, to test the machinery (figures meaningless; writes under build/)")
+    p.add_argument("--json", type=Path, help="write the figures here [docs/benchmarks.json]")
+    p.add_argument("--markdown", type=Path, help="write the report here [docs/benchmarks.md]")
+    p.add_argument("--img-dir", type=Path, help="write the plots here [docs/benchmarks/]")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="worker processes of each pool (gunicorn: sync workers) [CPUs usable]")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset [all]")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    p.add_argument("--shm-script", type=Path, default=default_shm,
+                   help="the shared-memory payload benchmark to run and merge [scripts/shm_bench.py]")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for the machine to be idle before starting [0]")
+    p.add_argument("--quiet", action="store_true", help="no live progress from the load tests")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the raw load-test results and server logs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    plan = PLANS["quick" if ns.quick else "smoke" if ns.smoke else "full"]
+    if ns.smoke:
+        base = ROOT / "build" / "bench-smoke"
+        json_path = ns.json or base / "benchmarks.json"
+        md_path = ns.markdown or base / "benchmarks.md"
+        img_dir = ns.img_dir or base / "img"
+    else:
+        json_path = ns.json or ROOT / "docs" / "benchmarks.json"
+        md_path = ns.markdown or ROOT / "docs" / "benchmarks.md"
+        img_dir = ns.img_dir or ROOT / "docs" / "benchmarks"
+    contenders = [c.strip() for c in ns.contenders.split(",") if c.strip()]
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown or not contenders:
+        print(f"scripts/bench: unknown contenders {sorted(unknown)}; choose from {', '.join(CONTENDERS)}",
+              file=sys.stderr)
+        return 2
+    if ns.workers < 1:
+        print("scripts/bench: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        import gunicorn  # noqa: F401
+        import hdrh  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("scripts/bench needs the dev lock: .venv/bin/pip install -r requirements-dev.lock "
+              "(./scripts/bench does this itself)", file=sys.stderr)
+        return 2
+    from bench import report
+
+    started = time.perf_counter()
+    command = "./scripts/bench" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    tmp = Path(tempfile.mkdtemp(prefix="procbridge-bench-"))
+    img_dir.mkdir(parents=True, exist_ok=True)
+    if ns.no_profile:
+        plan = Plan(**{**asdict(plan), "profile_seconds": 0.0})
+    bench = Bench(plan, ns.workers, tmp, ns.quiet)
+    if not ns.smoke:  # the load test's own plots, for two procbridge runs
+        bench.plot_requests = {
+            "procbridge-burn10": str(img_dir / "procbridge-burn10"),
+            "procbridge-noop": str(img_dir / "procbridge-noop"),
+        }
+    results: dict[str, Any] = {
+        "command": command,
+        "mode": plan.name,
+        "generated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "versions": versions(),
+        "workers": ns.workers,
+        "plan": asdict(plan),
+        "load": {"saturation_concurrency": bench.sat_concurrency, "noop_concurrency": bench.noop_concurrency,
+                 "healthz_rate": plan.healthz_rate, "noop_task": f"primes {json.dumps(NOOP_ARGS)}"},
+    }
+    busy_before = idle_check(ns.wait_idle)
+    try:
+        from workers.builtin_tasks import burn
+
+        log("direct rates: burn(10 ms) and burn(1 ms) called in this process")
+        results["direct"] = {
+            "burn10_per_s": round(direct_rate(burn, {"ms": 10}, plan.direct_seconds), 3),
+            "burn1_per_s": round(direct_rate(burn, {"ms": 1}, plan.direct_seconds), 3),
+        }
+        results["dispatch"] = dispatch(plan, ns.workers)
+        results["contenders"] = {}
+        for name in contenders:
+            results["contenders"][name] = bench.contender(name)
+        if ns.smoke and ns.shm_script == default_shm:  # seconds, not the real payload benchmark
+            results["shm"] = {"status": "not measured", "reason": "smoke run"}
+        else:
+            results["shm"] = shm(ns.shm_script, plan.shm_timeout, None if ns.smoke else ns.workers)
+        results.update(figures(results))
+        results["goals"] = judge(results)
+        results["warnings"] = bench.warnings
+        results["disturbance"] = disturbance(results, busy_before)
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        plots = report.plots(results, img_dir)
+        profile = results["contenders"].get("procbridge", {}).pop("profile", None)
+        results["profile"] = profile or {"status": "not measured", "reason": "skipped"}
+        for c in results["contenders"].values():
+            for k, v in list(c.items()):
+                if isinstance(v, dict) and "latency_ms" in v:
+                    c[k] = _trim(v)
+        old = md_path.read_text() if md_path.exists() else ""
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(report.markdown(results, plots, md_path.parent, json_path, old))
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        if ns.keep_tmp:
+            log(f"raw results and server logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {_rel(md_path)} and {_rel(json_path)} in {time.perf_counter() - started:.0f} s")
+    for name, g in results["goals"].items():
+        state = "not measured" if g["met"] is None else "met" if g["met"] else "MISSED"
+        value = "—" if g["value"] is None else f"{g['value']:g}"
+        log(f"  {name:32s} {value:>10s}  goal {g['goal']:8s} {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

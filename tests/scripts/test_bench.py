@@ -1,0 +1,140 @@
+"""./scripts/bench: a `--smoke` run end to end (every contender started and stopped, the JSON keys,
+the Markdown report and its plots), the shared-memory figure merged from a script or reported as not
+measured, and the pieces that need no servers. No figure's value is asserted: smoke runs are too
+short to mean anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+pytest.importorskip("hdrh", reason="the bench tools come with requirements-dev.lock")
+pytest.importorskip("matplotlib", reason="the bench tools come with requirements-dev.lock")
+
+FIGURES = {
+    "cpu_efficiency", "cpu_efficiency_1ms", "dispatch_ratio_vs_stdlib", "dispatch_ratio_native", "noop_http_ratio",
+    "healthz_p99_ms_saturated", "naive_healthz_p99_ms", "gunicorn_cpu_ratio", "gunicorn_cpu_ratio_1ms",
+    "shm_speedup_10mib",
+}
+SHM_TEXT = "## Shared-memory payloads\n\nWritten by the owner of scripts/shm_bench.py.\n\n### Details\n\nkept.\n"
+MARK = "BENCH_TEST_RUN"  # inherited by every process the bench starts, and theirs
+
+
+def _marked(token: str) -> list[str]:
+    """Processes still alive that descend from the bench run tagged `token` (zombies included)."""
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get(MARK) == token:
+                left.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return left
+
+
+def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
+    shm_script = tmp_path / "shm_bench.py"
+    shm_script.write_text('import json\nprint("measuring...")\nprint(json.dumps({"shm_speedup_10mib": 7.5, '
+                          '"shm_ms": 1.0}))\n')
+    md = tmp_path / "out" / "benchmarks.md"
+    md.parent.mkdir()
+    md.write_text("# Benchmarks\n\nold text, replaced\n\n" + SHM_TEXT + "\n## Old section\n\nreplaced too\n")
+    token = uuid.uuid4().hex
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--smoke", "--quiet", "--json", str(tmp_path / "out" / "b.json"),
+         "--markdown", str(md), "--img-dir", str(tmp_path / "out" / "img"), "--shm-script", str(shm_script)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, MARK: token},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _marked(token) == [], "the bench left processes behind"
+
+    results = json.loads((tmp_path / "out" / "b.json").read_text())
+    assert set(results) >= FIGURES
+    assert set(results["contenders"]) == {"naive", "stdlib", "gunicorn", "procbridge"}
+    for name, runs in results["contenders"].items():
+        for run in ("burn10", "burn1", "noop", "healthz", "healthz_saturated"):
+            assert runs[run]["requests"]["measured"] > 0, (name, run)
+            assert "timeline" not in runs[run]
+    assert results["shm_speedup_10mib"] == 7.5 and results["shm"]["shm_ms"] == 1.0
+    assert results["goals"]["shm_speedup_10mib"]["met"] is True
+    for name, goal in results["goals"].items():
+        assert goal["met"] in (True, False) if goal["value"] is not None else goal["met"] is None, name
+    assert results["machine"]["cpus_usable"] >= 1 and results["versions"]["python"]
+    assert results["mode"] == "smoke" and results["profile"]["status"] == "not measured"
+
+    text = md.read_text()
+    assert "old text" not in text and "## Old section" not in text
+    assert SHM_TEXT.rstrip() in text  # the other benchmark's section, verbatim
+    assert "## Goals" in text and "CPUs" in text and results["versions"]["aiohttp"] in text
+    assert "./scripts/bench --smoke" in text
+    for png in ("throughput.png", "burn10-latency.png", "healthz-saturated-latency.png"):
+        assert (tmp_path / "out" / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](img/{png})" in text
+
+
+def test_shm_missing_or_broken_is_not_measured(tmp_path):
+    from bench.run import shm
+
+    missing = shm(tmp_path / "nope.py", 10)
+    assert missing["status"] == "not measured" and "not in this checkout" in missing["reason"]
+    broken = tmp_path / "broken.py"
+    broken.write_text("print('no json here')\n")
+    assert shm(broken, 10)["status"] == "not measured"
+
+
+def test_goals_are_judged_plainly():
+    from bench.run import judge
+
+    goals = judge({"cpu_efficiency": 0.95, "cpu_efficiency_1ms": 0.5, "dispatch_ratio_vs_stdlib": 0.25,
+                   "healthz_p99_ratio_vs_gunicorn": 1.0})
+    assert goals["cpu_efficiency"]["met"] is True
+    assert goals["cpu_efficiency_1ms"]["met"] is False
+    assert goals["dispatch_ratio_vs_stdlib"]["met"] is True  # ≤ includes the bound
+    assert goals["healthz_p99_ratio_vs_gunicorn"]["met"] is False  # < excludes it
+    assert goals["shm_speedup_10mib"]["met"] is None
+
+
+def test_shm_section_is_cut_at_the_next_level_two_heading():
+    from bench.report import existing_shm_section
+
+    old = "# B\n\n## Goals\n\nx\n\n" + SHM_TEXT + "\n## Next\n\ny\n"
+    assert existing_shm_section(old) == SHM_TEXT
+    assert existing_shm_section("# B\n\n## Goals\n") is None
+    assert existing_shm_section("# B\n\n" + SHM_TEXT) == SHM_TEXT
+
+
+def test_py_spy_raw_profiles_are_split_per_process():
+    from bench.profile import parse_raw, split_service
+
+    raw = [
+        'process 10:"python -m service serve";run (uvloop/__init__.py:96);Runner.run (asyncio/runners.py:118) 40',
+        'process 10:"python -m service serve";run (uvloop/__init__.py:96);Runner.run (asyncio/runners.py:118);'
+        "call_task (service/task_handlers.py:40);WorkerPool.call (workers/pool.py:300) 10",
+        'process 10:"python -m service serve";process 11:"python -c from x import main; main(1, 2)";'
+        "main (workers/worker.py:10);BlockingFrames._recv_exact (workers/framing.py:120) 30",
+        'process 10:"python -m service serve";process 12:"python -c from x import main; main(1, 2)";'
+        "main (workers/worker.py:10);_run (workers/worker.py:200) 20",
+    ]
+    profiles = parse_raw(raw)
+    assert {pid: p.samples for pid, p in profiles.items()} == {10: 50, 11: 30, 12: 20}
+    main, workers = split_service(profiles, 10)
+    assert main is not None and workers is not None
+    assert main.self_time["WorkerPool.call (workers/pool.py)"] == 10
+    assert main.inclusive["call_task (service/task_handlers.py)"] == 10
+    assert any(a.startswith("dispatch") and n == 10 for a, n in main.areas.items())
+    assert any(a.startswith("event loop itself") and n == 40 for a, n in main.areas.items())
+    assert workers.samples == 50
+    assert any(a.startswith("worker waiting") and n == 30 for a, n in workers.areas.items())
+
+
+def test_scripts_are_executable():
+    for script in ("bench", "loadtest.py"):
+        assert (Path(ROOT) / "scripts" / script).stat().st_mode & 0o111
