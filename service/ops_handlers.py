@@ -32,7 +32,7 @@ async def readyz(request: web.Request) -> web.Response:
     extra = readiness() if callable(readiness) else {}
     if service.draining or executor is None or executor.closing:
         return json_response({"status": "draining", "workers_alive": alive, **extra}, status=503)
-    if alive < 1:
+    if alive + getattr(executor, "replacing", 0) < 1:  # a worker being replaced still takes calls
         return json_response({"status": "no-workers", "workers_alive": alive, **extra}, status=503)
     return json_response({"status": "ready", "workers_alive": alive, **extra})
 

@@ -34,6 +34,7 @@ class DaskProcesses:
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         directory.mkdir(parents=True, exist_ok=True)
+        self._semaphores_before = _dask_semaphores()
 
     @property
     def address(self) -> str:
@@ -117,11 +118,24 @@ class DaskProcesses:
         """Stop everything, and check that nothing they started outlives them: procbridge's runner
         children (in sessions of their own) stop themselves once their worker is gone."""
         below = self.descendants()
-        for proc in self.workers:
-            self.stop(proc)
-        self.stop(self.scheduler)
+        for proc in self.workers:  # SIGTERM: a nanny that is killed leaves its semaphores in /dev/shm
+            self.stop(proc, signal.SIGTERM)
+        self.stop(self.scheduler, signal.SIGTERM)
         _gone, alive = psutil.wait_procs(below, timeout=5)
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+        # A Dask nanny killed on purpose (the fault these tests inject) leaves its multiprocessing
+        # semaphores behind; remove the ones that appeared while this cluster ran, now that all of
+        # its processes are gone, so the machine's /dev/shm stays clean.
+        for name in _dask_semaphores() - self._semaphores_before:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")
         assert not alive, f"processes outlived their Dask worker: {[p.pid for p in alive]}"
+
+
+def _dask_semaphores() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+    except OSError:
+        return set()

@@ -217,6 +217,7 @@ class WorkerPool(cf.Executor):
         self._table: WorkerTable | None = None
         self._spawner = cf.ThreadPoolExecutor(1, thread_name_prefix="procbridge-spawn")
         self._workers: list[_Worker | None] = [None] * self.size
+        self._replacing: set[int] = set()  # slots whose replacement is starting (no back-off)
         self._starting: dict[int, tuple[BaseProcess, socket.socket]] = {}
         self._idle: list[_Worker] = []
         self._queue: deque[_Call] = deque()
@@ -502,6 +503,12 @@ class WorkerPool(cf.Executor):
         return sum(1 for w in self._workers if w is not None and w.ready and not w.dying)
 
     @property
+    def replacing(self) -> int:
+        """Workers being replaced right now with no back-off (a recycle, a timeout or cancel kill):
+        while one is, the pool still takes calls (they wait in the queue), so it is still ready."""
+        return len(self._replacing)
+
+    @property
     def closing(self) -> bool:
         return self._closing
 
@@ -707,6 +714,7 @@ class WorkerPool(cf.Executor):
         if type(frame) is not list:
             if frame == READY:
                 w.ready = True
+                self._replacing.discard(w.slot)
                 if self._started is not None and all(x is not None and x.ready for x in self._workers):
                     self._started.set()
                 self._refill(w)
@@ -725,6 +733,7 @@ class WorkerPool(cf.Executor):
                 continue
             if status == RETIRE:  # it will exit once this frame is out: send it nothing more
                 w.dying = w.dying or RETIRE_REASONS.get(payload, "retired")
+                self._replacing.add(w.slot)
                 if w.idle:
                     w.idle = False
                     with contextlib.suppress(ValueError):
@@ -891,6 +900,8 @@ class WorkerPool(cf.Executor):
         if w.dying:
             return
         w.dying = reason
+        if reason in ("timeout", "cancelled"):  # planned: its replacement starts at once
+            self._replacing.add(w.slot)
         if w.idle:
             w.idle = False
             with contextlib.suppress(ValueError):
@@ -955,7 +966,10 @@ class WorkerPool(cf.Executor):
         self._check_quiet()
         if not self._closed:
             unplanned = reason == "crashed" or (reason == "max_memory" and running is not None)
-            self._spawn_task(self._respawn(w.slot, self._backoff() if unplanned else 0.0))
+            delay = self._backoff() if unplanned else 0.0
+            if not delay:
+                self._replacing.add(w.slot)
+            self._spawn_task(self._respawn(w.slot, delay))
 
     def _release(self, proc: BaseProcess) -> None:
         """Free the dead process's handles; its exit code is known, so this does not block."""
@@ -1011,6 +1025,7 @@ class WorkerPool(cf.Executor):
             raise
         except Exception:
             self._starting.pop(slot, None)
+            self._replacing.discard(slot)
             parent.close()
             if self._started is None or not self._started.is_set():
                 raise  # at start-up a failure to start is the caller's to see

@@ -232,6 +232,19 @@ async def test_max_tasks_per_worker_replaces_the_worker_between_tasks() -> None:
 
 
 @on_uvloop
+async def test_a_pool_whose_only_worker_is_recycled_stays_ready() -> None:
+    """Between a worker's retirement and its replacement being ready, the pool still counts as
+    ready (calls queue meanwhile), so /readyz does not blink 503 at every recycle."""
+    async with open_pool(workers=1, max_tasks_per_worker=1) as (pool, watch):
+        for i in range(8):
+            outcome = await pool.call("echo", {"value": i})
+            assert outcome.value["value"] == i
+            assert pool.alive + pool.replacing >= 1, (pool.alive, pool.replacing)
+        await whole(pool, watch)
+        assert pool.replacing == 0
+
+
+@on_uvloop
 async def test_recycling_under_load_fails_no_call() -> None:
     async with open_pool(workers=2, max_tasks_per_worker=5, max_pending=200) as (pool, watch):
         outcomes = await asyncio.wait_for(
