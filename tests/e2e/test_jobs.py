@@ -167,8 +167,8 @@ def test_cancel_queued_running_and_finished(tmp_path):
         running = submit(srv.url, "mark_then_wait", {"path": str(started), "release": str(release)}).json()
         queued_marker = tmp_path / "queued-ran"
         queued = submit(srv.url, "mark", {"path": str(queued_marker)}).json()
-        wait_for(started.exists, 10, what="the first job to start")
-        worker_pid = int(started.read_text())
+        wait_for(lambda: started.exists() and started.read_text(), 10, what="the first job to start")
+        worker_pid = int(started.read_text())  # written, not just created (write_text is not atomic)
 
         cancel_q = http("DELETE", f"{srv.url}/v1/jobs/{queued['id']}")
         assert cancel_q.status == 200 and cancel_q.json()["status"] == "cancelled"
@@ -356,7 +356,7 @@ def test_two_replicas_share_a_redis_store(tmp_path):
         # a job running on one replica is cancelled through the other
         started, release = tmp_path / "started", tmp_path / "release"
         running = submit(a.url, "mark_then_wait", {"path": str(started), "release": str(release)}).json()
-        wait_for(started.exists, 10, what="the job to start on some replica")
+        wait_for(lambda: started.exists() and started.read_text(), 10, what="the job to start on some replica")
         pid = int(started.read_text())
         assert http("DELETE", f"{b.url}/v1/jobs/{running['id']}").json()["status"] == "cancelled"
         wait_for(lambda: not _alive(pid), 5, what="the worker running the cancelled job to be stopped")

@@ -114,6 +114,9 @@ def test_concurrent_binary_calls_each_get_their_own_bytes(server_factory):
 
 def test_a_client_that_hangs_up_mid_upload_or_mid_download_leaves_no_segment(server_factory):
     server = server_factory("--workers", "1", *TASKS)
+    upload = os.urandom(50 * MIB)
+    assert post_binary(server, "/v1/tasks/describe", upload)[0] == 200  # the segment a 50 MiB body needs
+    before = shm_of(server)
     # upload: the body is being read into a segment when the client goes away
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/tasks/echo_bytes HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
@@ -121,17 +124,22 @@ def test_a_client_that_hangs_up_mid_upload_or_mid_download_leaves_no_segment(ser
         sock.sendall(os.urandom(8 * MIB))
         wait_for(lambda: leased(server) == 1, 10, what="the body to be read into a segment")
     wait_for(lambda: only_table_and_free(server), 10, what="the upload's segment to be released")
+    assert shm_of(server) == before
     # download: the result is being streamed from its segment when the client goes away
     data = os.urandom(48 * MIB)
+    assert post_binary(server, "/v1/tasks/echo_bytes", data)[2] == data  # the segments this needs
+    before = shm_of(server)
+    out_before = metric(server, "procbridge_large_payloads_total", 'direction="out",path="shm"')
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.sendall(b"POST /v1/tasks/echo_bytes HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(data) + data)
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200"), first[:200]
-        wait_for(lambda: metric(server, "procbridge_large_payloads_total", 'direction="out",path="shm"') == 1, 10,
-                 what="the result to be in a segment")
+        wait_for(lambda: metric(server, "procbridge_large_payloads_total", 'direction="out",path="shm"')
+                 == out_before + 1, 10, what="the result to be in a segment")
     wait_for(lambda: only_table_and_free(server), 10, what="the result's segment to be released")
+    assert shm_of(server) == before
     # and the service is fine
     status, _, body = post_binary(server, "/v1/tasks/echo_bytes", data[: 2 * MIB])
     assert status == 200 and body == data[: 2 * MIB]

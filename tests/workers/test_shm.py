@@ -195,7 +195,10 @@ async def test_many_concurrent_payloads_never_mix() -> None:
 async def test_sigkill_of_a_worker_holding_a_view_releases_its_segment(tmp_path: Path) -> None:
     async with open_pool(workers=2, modules=TASKS) as (pool, watch):
         marker = tmp_path / "holding"
+        await pool.call("describe", {"data": os.urandom(2 * MIB)})  # warm: the segment this size needs
+        before = ours(pool.prefix)
         lease = await filled(pool, os.urandom(2 * MIB))
+        assert ours(pool.prefix) == before, "the free segment was reused"
         call = asyncio.ensure_future(pool.call("hold", {"data": lease, "marker": str(marker)}))
         pid = int(await wait_for_file(marker))
         lease.release()  # the handler's own reference: the call still holds the segment
@@ -205,6 +208,7 @@ async def test_sigkill_of_a_worker_holding_a_view_releases_its_segment(tmp_path:
         with pytest.raises(WorkerCrashed):
             await call
         await wait_until(lambda: settled(pool), 5, "the segment to be released")
+        assert ours(pool.prefix) == before
         assert not alive(pid)
         await wait_until(lambda: pool.alive == pool.size, 5, "the replacement")
         watch.sample()
@@ -217,11 +221,14 @@ async def test_sigkill_of_a_worker_holding_a_view_releases_its_segment(tmp_path:
 @on_uvloop
 async def test_timeout_kill_releases_the_segments(tmp_path: Path) -> None:
     async with open_pool(workers=1, modules=TASKS) as (pool, watch):
+        await pool.call("describe", {"data": os.urandom(2 * MIB)})
+        before = ours(pool.prefix)
         lease = await filled(pool, os.urandom(2 * MIB))
         with pytest.raises(TaskTimeout):
             await pool.call("hold", {"data": lease, "marker": str(tmp_path / "m")}, timeout=0.3)
         lease.release()
         await wait_until(lambda: settled(pool), 5, "the segment to be released after the kill")
+        assert ours(pool.prefix) == before
         assert pool.restarts["timeout"] == 1
         await wait_until(lambda: pool.alive == 1, 5, "the replacement")
         watch.sample()
@@ -230,12 +237,14 @@ async def test_timeout_kill_releases_the_segments(tmp_path: Path) -> None:
 @on_uvloop
 async def test_a_task_error_releases_the_segment() -> None:
     async with open_pool(workers=1, modules=TASKS) as (pool, _):
+        await pool.call("describe", {"data": os.urandom(2 * MIB)})
+        before = ours(pool.prefix)
         lease = await filled(pool, os.urandom(2 * MIB))
         with pytest.raises(TaskFailed, match="bad payload"):
             await pool.call("fail_holding", {"data": lease})
         assert segments(pool).stats()["leased_segments"] == 1  # ours, not the call's
         lease.release()
-        assert settled(pool)
+        assert settled(pool) and ours(pool.prefix) == before
 
 
 @on_uvloop
