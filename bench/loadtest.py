@@ -255,7 +255,9 @@ class Recorder:
         self, spec_index: int, due: float, sent: float, end: float, status: int, slug: str | None,
         error: str | None, kind: int,
     ) -> None:
-        latency = end - due
+        # From the due time (open loop: a late send counts against the server's answer); the loop's
+        # timers are coarse, so a request may leave up to a millisecond early: then from its send.
+        latency = end - min(due, sent)
         self.done += 1
         self.ends.append(end - self.t0)
         self.latencies.append(latency * 1000.0)
@@ -568,7 +570,7 @@ class LoadTest:
             },
             "server_cpu": server,
             "machine_busy_cores": round(busy, 3),
-            "other_processes_cores": round(others, 3) if server is not None else None,
+            "other_processes_cores": round(max(0.0, others), 3) if server is not None else None,
             "timeline": _timeline(rec),
             "warnings": warnings,
         }

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-MAX_POINTS = 60_000  # the timeline scatter is thinned (evenly) beyond this many requests
+MAX_POINTS = 20_000  # the timeline scatter is thinned (evenly) beyond this many requests
 COLORS = {"ok": "#1f77b4", "overloaded": "#ff7f0e", "errors": "#d62728", "unfinished": "#7f7f7f"}
 
 

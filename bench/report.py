@@ -117,11 +117,17 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
     add("")
 
     dist = r.get("disturbance") or {}
+    if dist.get("repeated_runs"):
+        add(f"{len(dist['repeated_runs'])} load tests were measured again because other processes on the machine "
+            "took CPU during the first attempt: "
+            + ", ".join(f"{label} ({', '.join(f'{c:.2f}' for c in cores)} cores)" for label, cores in
+                        dist["repeated_runs"]) + ". The figures below are from the last attempt.")
+        add("")
     if dist.get("disturbed_runs") or dist.get("busy_before_start_cores", 0) >= 0.25:
         worst = ", ".join(f"{label} ({cores:.2f})" for label, cores in dist.get("disturbed_runs", [])[:8])
         add(f"**This run was disturbed:** other processes kept {dist.get('busy_before_start_cores', 0):.2f} cores "
             f"busy when it started, and took CPU during {len(dist.get('disturbed_runs', []))} of {dist.get('runs')} "
-            f"load tests (cores used by neither the client nor the server: {worst or 'none'}). Those figures "
+            f"measurements (cores used by anything but the measured processes: {worst or 'none'}). Those figures "
             "understate what the contenders can do; rerun on an idle machine.")
     else:
         add(f"The machine was otherwise idle: no load test saw more than {dist.get('max_other_cores', 0):.2f} cores "
@@ -149,9 +155,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
     missed = [n for n, g in goals.items() if g["met"] is False]
     if missed:
         add(f"**Missed in this run:** {', '.join(f'`{n}`' for n in missed)}. The baselines were not tuned down "
-            "to make these pass; see the notes below for what limits each one.")
+            "to make these pass; the notes below say what limits each figure.")
     else:
         add("Every measured figure met its goal in this run.")
+    add("")
+    lines.extend(_goal_notes(r))
     add("")
 
     # -- how --
@@ -244,7 +252,10 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
         val = disp.get(key)
         add(f"| {label} | {_fmt(val)} | {_fmt(val / stock if val and stock else None)} |")
     add("")
-    add(f"{disp.get('workers')} workers, 64 calls in flight; the workers share the {cpus} CPUs with the loop.")
+    add(f"{disp.get('workers')} workers, 64 calls in flight, the median of {disp.get('repeat', 1)} rounds (the three "
+        f"paths measured in turn each round); the workers share the {cpus} CPUs with the loop. Each round's figures: "
+        + "; ".join(f"{k.removesuffix('_us')} {', '.join(f'{x:.1f}' for x in v)}"
+                    for k, v in (disp.get("samples_us") or {}).items()) + " µs.")
     add("")
 
     # -- shm --
@@ -331,10 +342,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
             add("|---|---:|")
             for area, share in wp.get("areas", []):
                 add(f"| {area} | {share:.1f}% |")
-        notes = r.get("profile_notes")
-        if notes:
-            add("")
-            lines.extend(notes)
+        add("")
+        add(_profile_summary(lp, wp))
         add("")
 
     # -- warnings --
@@ -345,6 +354,71 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
             add(f"- {wmsg}")
         add("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _goal_notes(r: dict[str, Any]) -> list[str]:
+    """A few facts from this run behind the figures that are easy to misread."""
+    c = r["contenders"]
+    pb = c.get("procbridge", {})
+    notes: list[str] = []
+    noop, health = pb.get("noop"), pb.get("healthz")
+    if noop and health:
+        hc, nc = health["client_cpu"], noop["client_cpu"]
+        hs, ns = health.get("server_cpu") or {}, noop.get("server_cpu") or {}
+        note = (f"- `noop_http_ratio`: {_fmt(noop['throughput_rps'])} no-op calls/s against "
+                f"{_fmt(health['throughput_rps'])} `/healthz`/s; the service's event-loop process used "
+                f"{_fmt(ns.get('main_cores'))} cores in the first and {_fmt(hs.get('main_cores'))} in the second, "
+                f"the load generator {100 * nc['core_fraction']:.0f}% and {100 * hc['core_fraction']:.0f}% of a core.")
+        if hc["saturated"]:
+            note += (" The `/healthz` run was limited by the load generator, so its req/s is a lower bound and the "
+                     "ratio an upper bound of what a faster client would show.")
+        notes.append(note)
+    d = r["dispatch"]
+    if d.get("procbridge_run_in_executor_us") and d.get("procbridge_native_us"):
+        notes.append(
+            f"- `dispatch_ratio_vs_stdlib`: through `run_in_executor` a call costs "
+            f"{d['procbridge_run_in_executor_us']:.1f} µs against {d['procbridge_native_us']:.1f} µs through "
+            "`await pool.call`: the executor API adds a `concurrent.futures.Future`, pickling the function and its "
+            "arguments, and asyncio's `wrap_future`, which hands every result back through "
+            "`call_soon_threadsafe` (a write to the loop's wake-up pipe).")
+    for key, ms in (("burn10", 10), ("burn1", 1)):
+        run = pb.get(key)
+        if run:
+            lat = run["latency_ms"]
+            notes.append(
+                f"- `cpu_efficiency{'_1ms' if ms == 1 else ''}`: with {r['load']['saturation_concurrency']} clients "
+                f"each burn({ms} ms) call took {_ms(lat.get('p50'))} ms end to end at the median (queueing "
+                "included). The efficiency loses whatever time a worker spends between two calls: sending the "
+                "result, receiving the next call, and waiting for a CPU (workers run at nice 10 beside the event "
+                "loop and the load generator)" + (", ten times more weighty with 1 ms tasks." if ms == 1 else "."))
+    return notes
+
+
+def _share(areas: list[list[Any]], *prefixes: str) -> float:
+    return sum(float(v) for a, v in areas if str(a).startswith(prefixes))
+
+
+def _profile_summary(lp: dict[str, Any], wp: dict[str, Any]) -> str:
+    """One paragraph from the area shares, so the text stays true when the figures change."""
+    areas = lp.get("areas", [])
+    http = _share(areas, "event loop itself", "aiohttp", "JSON, bodies", "task handler")
+    pool = _share(areas, "dispatch", "wire")
+    validation = _share(areas, "validation")
+    metrics = _share(areas, "metrics")
+    text = (f"**Reading it:** in the event-loop process, the HTTP side (uvloop's socket I/O and polling, aiohttp's "
+            f"parsing, routing and response writing, the handler) takes {http:.0f}% of the samples, the pool's "
+            f"dispatch and wire (workers/pool.py, workers/framing.py) {pool:.0f}%, argument validation "
+            f"{validation:.0f}% and metrics {metrics:.0f}%. Next to what `/healthz` costs, a no-op call adds a body "
+            "read, a validation, a frame to a worker and one back: two more socket syscalls and at least one "
+            "more loop wake-up per request.")
+    wareas = wp.get("areas", []) if wp else []
+    if wareas:
+        text += (f" In the workers, {_share(wareas, 'worker waiting'):.0f}% of the samples wait for the next call "
+                 f"and {_share(wareas, 'wire'):.0f}% are in the framing code, nearly all of it sending results "
+                 "(`BlockingFrames.send_raw`); py-spy samples a runnable worker that a woken event loop has "
+                 "preempted at the frame it was in, so this includes time spent waiting for a CPU right after "
+                 "the send (workers run at nice 10).")
+    return text
 
 
 def _get(cc: dict[str, Any], run: str, key: str) -> Any:

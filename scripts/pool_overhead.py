@@ -1,11 +1,14 @@
 """Per-call overhead of procbridge's pool against the stock ProcessPoolExecutor, in one run.
 
-    .venv/bin/python scripts/pool_overhead.py [--workers N] [--calls N] [--concurrency N]
+    .venv/bin/python scripts/pool_overhead.py [--workers N] [--calls N] [--concurrency N] [--repeat N]
 
 Each contender runs the same no-op task (`primes(limit=1)`, a few hundred nanoseconds of work) with
 the same number of calls in flight; the figure is wall time divided by calls, so it includes the
 event loop's own work. Contenders: procbridge's native `await pool.call(...)`, procbridge through
 `loop.run_in_executor`, and `concurrent.futures.ProcessPoolExecutor` through `run_in_executor`.
+With `--repeat N` the three are measured N times in turn (both pools stay up, idle while the other
+runs) and each figure is the median, so a burst of other work on the machine cannot favour one of
+them; the single measurements are in `samples_us`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
+import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import uvloop
 
@@ -37,26 +42,32 @@ async def measure(call: Callable[[], Awaitable[object]], calls: int, concurrency
     return (time.perf_counter() - start) / (calls // concurrency * concurrency)
 
 
-async def main(args: argparse.Namespace) -> dict[str, float]:
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    results: dict[str, float] = {}
+    samples: dict[str, list[float]] = {
+        "procbridge_native_us": [], "procbridge_run_in_executor_us": [], "stock_process_pool_us": [],
+    }
     pool = WorkerPool(PoolOptions(workers=args.workers, max_pending=100_000))
     await pool.start()
     try:
-        results["procbridge_native_us"] = 1e6 * await measure(
-            lambda: pool.call("primes", {"limit": 1}), args.calls, args.concurrency
-        )
-        results["procbridge_run_in_executor_us"] = 1e6 * await measure(
-            lambda: loop.run_in_executor(pool, primes, 1), args.calls, args.concurrency
-        )
+        with cf.ProcessPoolExecutor(args.workers) as stock:
+            for _ in range(args.repeat):
+                samples["procbridge_native_us"].append(1e6 * await measure(
+                    lambda: pool.call("primes", {"limit": 1}), args.calls, args.concurrency
+                ))
+                samples["procbridge_run_in_executor_us"].append(1e6 * await measure(
+                    lambda: loop.run_in_executor(pool, primes, 1), args.calls, args.concurrency
+                ))
+                samples["stock_process_pool_us"].append(1e6 * await measure(
+                    lambda: loop.run_in_executor(stock, primes, 1), args.calls, args.concurrency
+                ))
     finally:
         await pool.aclose()
-    with cf.ProcessPoolExecutor(args.workers) as stock:
-        results["stock_process_pool_us"] = 1e6 * await measure(
-            lambda: loop.run_in_executor(stock, primes, 1), args.calls, args.concurrency
-        )
+    results: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
     results["speedup_native_vs_stock"] = results["stock_process_pool_us"] / results["procbridge_native_us"]
     results["speedup_executor_vs_stock"] = results["stock_process_pool_us"] / results["procbridge_run_in_executor_us"]
+    results["repeat"] = args.repeat
+    results["samples_us"] = {k: [round(x, 3) for x in v] for k, v in samples.items()}
     return results
 
 
@@ -65,6 +76,7 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=1, help="measure each contender this many times, in turn")
     ns = parser.parse_args()
     out = uvloop.run(main(ns))
     stop_helper_processes()

@@ -131,3 +131,13 @@ def test_bad_command_lines_are_refused():
                               text=True, timeout=30)
         assert done.returncode == 2, (args, done.stderr)
         assert "error:" in done.stderr, args
+
+
+def test_latency_runs_from_the_due_time_or_an_early_send():
+    from bench.loadtest import OK, Recorder, RequestSpec
+
+    rec = Recorder([RequestSpec("x", "GET", "http://127.0.0.1:1/")], t0=100.0, measure_from=100.0)
+    rec.record(0, due=101.0, sent=101.5, end=102.0, status=200, slug=None, error=None, kind=OK)  # sent late
+    rec.record(0, due=101.0, sent=100.9995, end=101.0015, status=200, slug=None, error=None, kind=OK)  # early
+    assert list(rec.latencies) == [pytest.approx(1000.0), pytest.approx(2.0)]
+    assert rec.ok_hist.get_total_count() == 2 and rec.lag_hist.get_total_count() == 1
