@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -167,3 +168,26 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             with contextlib.suppress(AssertionError):
                 server.stop(signal.SIGTERM, timeout=15)
         server.kill_all()
+
+
+def run_in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run a blocking call in a thread; `joined` gives its value (or raises its exception)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def joined(thread: threading.Thread, box: dict[str, Any], timeout: float = 30.0) -> Any:
+    thread.join(timeout)
+    assert not thread.is_alive(), "the call did not return"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

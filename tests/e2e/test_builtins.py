@@ -9,7 +9,6 @@ import http.client as httpclient
 import io
 import json
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Reply, ServerProcess, http, post_json, start_server, wait_for
+from tests.conftest import Reply, ServerProcess, http, joined, post_json, run_in_thread, start_server, wait_for
 
 BUILTINS = ("primes", "burn", "sha256", "mandelbrot")
 
@@ -106,28 +105,6 @@ def test_burn_reports_its_worker_and_the_time_it_burnt(server):
     assert zero["ms"] >= 0 and zero["pid"] in before
     fractional = call(server, "burn", {"ms": 12.5})["result"]
     assert fractional["ms"] >= 12.5
-
-
-def run_in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def joined(thread: threading.Thread, box: dict[str, Any], timeout: float = 30.0) -> Any:
-    thread.join(timeout)
-    assert not thread.is_alive(), "the call did not return"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def busy_workers(server: ServerProcess) -> list[dict[str, Any]]:

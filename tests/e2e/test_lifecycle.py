@@ -9,38 +9,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_port, http, post_json, wait_for
+from tests.conftest import ROOT, ServerProcess, free_port, http, joined, post_json, run_in_thread, wait_for
 
 SHM = Path("/dev/shm")
-
-
-def in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def result_of(thread: threading.Thread, box: dict[str, Any], timeout: float = 30.0) -> Any:
-    thread.join(timeout)
-    assert not thread.is_alive(), "the call did not return"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def workers(server: ServerProcess) -> list[dict[str, Any]]:
@@ -182,14 +159,14 @@ def test_a_tasks_module_that_cannot_be_imported_stops_the_start(tmp_path):
 
 def test_healthz_answers_while_every_worker_is_busy(server_factory):
     server = server_factory("--workers", "2")
-    calls = [in_thread(burn, server, 1500) for _ in range(2)]
+    calls = [run_in_thread(burn, server, 1500) for _ in range(2)]
     wait_for(lambda: [w["state"] for w in workers(server)] == ["busy", "busy"], 10, what="both workers busy")
     health = http("GET", server.url + "/healthz", timeout=5)
     ready = http("GET", server.url + "/readyz", timeout=5)
     answered_at = time.time()
     assert health.status == 200 and health.json() == {"status": "ok"}
     assert ready.status == 200  # busy workers are alive workers
-    results = [result_of(*c).json()["result"] for c in calls]
+    results = [joined(*c).json()["result"] for c in calls]
     assert len({r["pid"] for r in results}) == 2
     # Both burns were seen running before the questions, and neither had ended when the answers came.
     assert all(answered_at < r["finished_at"] for r in results)
@@ -257,10 +234,10 @@ def pending_tasks(server: ServerProcess) -> float | None:
 def test_in_flight_call_finishes_and_new_work_is_refused_while_draining(server_factory):
     before = shm_entries()
     server = server_factory("--workers", "1", "--shutdown-grace", "10")
-    in_flight = in_thread(burn, server, 2500)
+    in_flight = run_in_thread(burn, server, 2500)
     wait_for(lambda: any(w["state"] == "busy" for w in workers(server)), 10, what="the burn to be running")
     # A second call admitted before the signal waits for the busy worker: it is in flight too.
-    queued = in_thread(post_json, server.url + "/v1/tasks/primes", {"limit": 100})
+    queued = run_in_thread(post_json, server.url + "/v1/tasks/primes", {"limit": 100})
     wait_for(lambda: pending_tasks(server) == 1, 10, what="the second call to be queued")
     server.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: http("GET", server.url + "/readyz", timeout=5).status == 503, 10, what="/readyz to turn 503")
@@ -277,11 +254,11 @@ def test_in_flight_call_finishes_and_new_work_is_refused_while_draining(server_f
     assert http("GET", server.url + "/healthz").status == 200  # the loop still runs
     assert server.proc.poll() is None  # still draining: the burn holds it open
 
-    done = result_of(*in_flight)
+    done = joined(*in_flight)
     assert done.status == 200, done.body
     assert done.json()["result"]["ms"] >= 2500
     assert done.json()["result"]["finished_at"] > refused_at  # it was still running during the refusals
-    waited = result_of(*queued)
+    waited = joined(*queued)
     assert waited.status == 200, waited.body
     assert waited.json()["result"] == 25
     assert server.proc.wait(30) == 0  # the one SIGTERM was enough
@@ -292,10 +269,10 @@ def test_in_flight_call_finishes_and_new_work_is_refused_while_draining(server_f
 def test_work_still_running_when_the_grace_ends_is_stopped(server_factory):
     before = shm_entries()
     server = server_factory("--workers", "1", "--shutdown-grace", "0.5")
-    in_flight = in_thread(burn, server, 60_000)
+    in_flight = run_in_thread(burn, server, 60_000)
     wait_for(lambda: any(w["state"] == "busy" for w in workers(server)), 10, what="the burn to be running")
     server.proc.send_signal(signal.SIGTERM)
-    cut = result_of(*in_flight)
+    cut = joined(*in_flight)
     assert cut.status == 503, cut.body
     assert cut.json()["type"] == "/problems/draining"
     assert server.proc.wait(30) == 0
@@ -305,13 +282,13 @@ def test_work_still_running_when_the_grace_ends_is_stopped(server_factory):
 
 def test_a_second_signal_cuts_the_grace_short(server_factory):
     server = server_factory("--workers", "1", "--shutdown-grace", "60")
-    in_flight = in_thread(burn, server, 60_000)
+    in_flight = run_in_thread(burn, server, 60_000)
     wait_for(lambda: any(w["state"] == "busy" for w in workers(server)), 10, what="the burn to be running")
     server.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: http("GET", server.url + "/readyz", timeout=5).status == 503, 10, what="draining")
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(30) == 0  # long before the 60 s grace or the 60 s burn
-    cut = result_of(*in_flight)
+    cut = joined(*in_flight)
     assert cut.status == 503 and cut.json()["type"] == "/problems/draining"
     assert server.leftovers() == []
 
