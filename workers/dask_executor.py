@@ -59,6 +59,7 @@ from workers.dask_remote import (
     TIMEOUT,
 )
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
+from workers.executor import LoopBoundExecutor, ProgressCallback
 from workers.pool import Outcome
 from workers.stats import BUSY, IDLE, WorkerRow
 
@@ -69,7 +70,6 @@ except ImportError:  # pragma: no cover - reported by make_executor
 
 log = logging.getLogger("procbridge.dask")
 
-ProgressCallback = Callable[[float, float | None, str | None], None]
 ISOLATION_MODES = ("process", "thread")
 _TICK = 0.1
 
@@ -167,7 +167,7 @@ class _Call:
     scattered: list[Any] = field(default_factory=list)
 
 
-class DaskExecutor(cf.Executor):
+class DaskExecutor(LoopBoundExecutor):
     """Runs registered tasks on a Dask cluster. Create, `await start()`, use, `await aclose()`."""
 
     def __init__(self, options: DaskOptions) -> None:
@@ -704,17 +704,6 @@ class DaskExecutor(cf.Executor):
         if status == ERROR:
             raise TaskFailed(*value)
         return value
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Executor API. From the loop's thread this only starts closing; prefer `await aclose()`."""
-        if self._loop is None or self._closed:
-            return
-        if threading.get_ident() == self._loop_thread:
-            self._spawn(self.aclose())
-            return
-        done = asyncio.run_coroutine_threadsafe(self.aclose(), self._loop)
-        if wait:
-            done.result()
 
 
 def _as_plain(value: Any) -> Any:

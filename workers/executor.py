@@ -12,7 +12,9 @@ PoolClosed (503 draining), TaskTimeout (504).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -101,3 +103,29 @@ class Executor(Protocol):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]: ...
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+class LoopBoundExecutor(cf.Executor):
+    """The Executor API's `shutdown` for executors bound to one event loop (both implementations).
+
+    Subclasses set `_loop`, `_loop_thread` and `_closed` and implement `aclose()`.
+    """
+
+    _loop: asyncio.AbstractEventLoop | None
+    _loop_thread: int
+    _closed: bool
+    _shutdown_task: asyncio.Future[None] | None = None
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """From the loop's thread this only starts closing; prefer `await aclose()`."""
+        if self._loop is None or self._closed:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._shutdown_task = asyncio.ensure_future(self.aclose())  # held so it is not collected
+            return
+        done = asyncio.run_coroutine_threadsafe(self.aclose(), self._loop)
+        if wait:
+            done.result()

@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 from workers import framing
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
+from workers.executor import LoopBoundExecutor, ProgressCallback
 from workers.shm import Lease, Segment, SegmentPool, ShmRef, new_prefix, plan_budget
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
 from workers.worker import (
@@ -111,7 +112,6 @@ class PoolOptions:
 
 
 Waiter = asyncio.Future[Any] | cf.Future[Any]
-ProgressCallback = Callable[[float, float | None, str | None], None]
 
 
 class _Call:
@@ -201,7 +201,7 @@ def _claim(call: _Call) -> bool:
     return not waiter.done()
 
 
-class WorkerPool(cf.Executor):
+class WorkerPool(LoopBoundExecutor):
     """A supervised pool of worker processes. Create, `await start()`, use, `await aclose()`."""
 
     def __init__(self, options: PoolOptions) -> None:
@@ -479,17 +479,6 @@ class WorkerPool(cf.Executor):
         else:
             self._loop.call_soon_threadsafe(self._admit_or_fail, call)
         return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Executor API. From the loop's thread this only starts closing; prefer `await aclose()`."""
-        if self._loop is None or self._closed:
-            return
-        if threading.get_ident() == self._loop_thread:
-            self._spawn_task(self.aclose())
-            return
-        done = asyncio.run_coroutine_threadsafe(self.aclose(), self._loop)
-        if wait:
-            done.result()
 
     # -- introspection --------------------------------------------------------------------------
 
