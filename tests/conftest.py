@@ -124,8 +124,14 @@ class ServerProcess:
 
 
 def start_server(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+    prefix: tuple[str, ...] = (),
 ) -> ServerProcess:
+    """The server on a free loopback port; `prefix` is a command that execs the rest (it must keep
+    the pid, as `sh -c '... && exec "$0" "$@"'` does)."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
     full_env.update({"PROCBRIDGE_STORE": str(tmp_path / "jobs.db"), "PYTHONUNBUFFERED": "1"})
@@ -134,7 +140,7 @@ def start_server(
     log_path = tmp_path / f"server-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [*prefix, sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
     server = ServerProcess(port, proc, log_path)

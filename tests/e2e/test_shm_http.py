@@ -18,13 +18,12 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, free_port, http, post_json, wait_for
+from tests.conftest import ServerProcess, http, post_json, start_server, wait_for
 
 TASKS = ("--tasks", "tests.workers.shm_tasks")
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -237,30 +236,8 @@ def can_unshare() -> bool:
 
 def start_in_small_shm(tmp_path: Path, size: str, *args: str) -> ServerProcess:
     """The server in its own mount namespace whose /dev/shm is a tmpfs of `size` (Docker's is 64 MB)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
-    env.update({"PROCBRIDGE_STORE": str(tmp_path / "jobs.db"), "PYTHONUNBUFFERED": "1"})
-    log_path = tmp_path / f"server-{port}.log"
     script = f'mount -t tmpfs -o size={size},mode=1777 tmpfs /dev/shm && exec "$0" "$@"'
-    with open(log_path, "wb") as log:  # unshare and sh exec: the server keeps the pid Popen gives
-        proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-             sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(port, proc, log_path)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            return http("GET", server.url + "/readyz", timeout=2).status == 200
-        except OSError:
-            return False
-
-    wait_for(ready, 60, 0.05, "the server to become ready")
-    server.descendants()
-    return server
+    return start_server(tmp_path, *args, prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c", script))
 
 
 @pytest.mark.skipif(not can_unshare(), reason="needs root and unshare for a private /dev/shm")
