@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +44,7 @@ import orjson
 
 from workers import context, registry
 from workers.framing import BlockingFrames
+from workers.worker import describe_exception
 
 # Kinds of call (spec[1]).
 KIND_TASK = 0
@@ -216,8 +216,8 @@ def _lookup(name: str) -> Callable[..., Any]:
     spec = registry.get(name)
     if spec is None:
         raise LookupError(f"task {name!r} is not registered on this Dask worker")
-    param = spec.bytes_param
-    if param is None or registry._strip_optional(registry._strip_annotated(spec.hints.get(param))) is not memoryview:
+    param = spec.view_param
+    if param is None:
         return spec.fn
     fn = spec.fn
 
@@ -227,22 +227,6 @@ def _lookup(name: str) -> Callable[..., Any]:
         return fn(**kwargs)
 
     return with_view
-
-
-def describe_exception(exc: BaseException) -> tuple[str, str, str]:
-    """(type name, message, traceback) as plain strings: they always serialise."""
-    cls = type(exc)
-    module = getattr(cls, "__module__", "")
-    exc_type = cls.__qualname__ if module in ("builtins", "__main__", "") else f"{module}.{cls.__qualname__}"
-    try:
-        message = str(exc)
-    except BaseException:  # noqa: BLE001
-        message = f"<unprintable {cls.__name__}>"
-    try:
-        tb = "".join(traceback.format_exception(exc))
-    except BaseException:  # noqa: BLE001
-        tb = ""
-    return exc_type, message, tb
 
 
 # -- runner children (isolate="process") -----------------------------------------------------------

@@ -51,6 +51,15 @@ class TaskSpec:
         return None
 
     @functools.cached_property
+    def view_param(self) -> str | None:
+        """The bytes parameter when it is annotated `memoryview` (it then gets a read-only view,
+        not a copy), else None."""
+        param = self.bytes_param
+        if param is None or _strip_optional(_strip_annotated(self.hints.get(param))) is not memoryview:
+            return None
+        return param
+
+    @functools.cached_property
     def bytes_param_optional(self) -> bool:
         """Whether the bytes parameter also accepts None (`bytes | None`)."""
         if self.bytes_param is None:

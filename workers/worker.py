@@ -34,7 +34,6 @@ import orjson
 
 from workers import context, registry
 from workers.framing import BlockingFrames, dumps
-from workers.registry import _strip_annotated, _strip_optional
 from workers.shm import Mappings, ShmRef
 from workers.stats import RETIRE_MAX_MEMORY, RETIRE_MAX_TASKS, RowWriter, WorkerTable
 
@@ -332,10 +331,7 @@ def _lookup(name: str) -> tuple[Any, str | None]:
         spec = registry.get(name)
         if spec is None:
             raise LookupError(f"task {name!r} is not registered in this worker")
-        param = spec.bytes_param
-        if param is not None and _strip_optional(_strip_annotated(spec.hints.get(param))) is not memoryview:
-            param = None
-        found = _TASKS[name] = (spec.fn, param)
+        found = _TASKS[name] = (spec.fn, spec.view_param)
     return found
 
 
