@@ -149,3 +149,13 @@ def _json_type(value: Any) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}.get(
         type(value), type(value).__name__
     )
+
+
+def refuse_unknown_fields(payload: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:
+    """422 naming the first field of a request object that is not one of `allowed`."""
+    unknown = sorted(set(payload) - set(allowed))
+    if unknown:
+        raise Problem(
+            422, "invalid-arguments", f"{unknown[0]}: unknown field of {what} ({', '.join(allowed)})",
+            errors=[{"field": f, "message": "unknown field"} for f in unknown],
+        )

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from service.app import SERVICE, Service
-from service.body import body_kind, parse_object, read_body
+from service.body import body_kind, parse_object, read_body, refuse_unknown_fields
 from service.job_model import STATUSES, Job, new_job_id
 from service.problems import Problem
 from service.task_handlers import JSON_TYPE, PNG_SIGNATURE, json_response
@@ -46,10 +46,7 @@ async def submit_job(request: web.Request) -> web.Response:
         raise Problem(503, "draining", "the service is shutting down and takes no new jobs",
                       headers={"Retry-After": "5"})
     payload = parse_object(await read_body(request, service.config.max_body))
-    unknown = sorted(set(payload) - {"task", "args", "timeout"})
-    if unknown:
-        raise Problem(422, "invalid-arguments", f"{unknown[0]}: unknown field of a job (task, args, timeout)",
-                      errors=[{"field": f, "message": "unknown field"} for f in unknown])
+    refuse_unknown_fields(payload, ("task", "args", "timeout"), "a job")
     name = payload.get("task")
     if not isinstance(name, str):
         raise Problem(422, "invalid-arguments", "task: required, the name of a task",

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from service.app import SERVICE, Service
-from service.body import body_kind, parse_object, read_body
+from service.body import body_kind, parse_object, read_body, refuse_unknown_fields
 from service.problems import Problem, from_pool_error
 from service.task_handlers import admit_or_refuse, parse_timeout
 from service.validation import TaskEntry
@@ -42,10 +42,7 @@ async def map_task(request: web.Request) -> web.StreamResponse:
     body_kind(request, binary_ok=False)
     admit_or_refuse(service)
     payload = parse_object(await read_body(request, service.config.max_body))
-    unknown = sorted(set(payload) - {"items", "ordered"})
-    if unknown:
-        raise Problem(422, "invalid-arguments", f"{unknown[0]}: unknown field of a map request (items, ordered)",
-                      errors=[{"field": f, "message": "unknown field"} for f in unknown])
+    refuse_unknown_fields(payload, ("items", "ordered"), "a map request")
     items = payload.get("items")
     if not isinstance(items, list):
         raise Problem(422, "invalid-arguments", "items: required, an array of argument objects",
