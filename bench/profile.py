@@ -33,7 +33,7 @@ AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 _IN_C = ("Runner.run (", "run (uvloop/", "Loop.run_forever")
-_WAITING = ("BlockingFrames._recv_exact (",)
+_WAITING = ("BlockingFrames._wait (", "BlockingFrames._recv_into (", "BlockingFrames._recv_exact (")
 
 
 def frame_name(frame: str) -> str:

@@ -256,6 +256,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
         f"paths measured in turn each round); the workers share the {cpus} CPUs with the loop. Each round's figures: "
         + "; ".join(f"{k.removesuffix('_us')} {', '.join(f'{x:.1f}' for x in v)}"
                     for k, v in (disp.get("samples_us") or {}).items()) + " µs.")
+    loop_cpu = disp.get("loop_cpu_us") or {}
+    if loop_cpu:
+        add("")
+        add("CPU time of the event loop's process per call (medians; less sensitive than wall time to other work on "
+            "the machine): " + "; ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in loop_cpu.items()) + " µs.")
     add("")
 
     # -- shm --
@@ -378,9 +383,10 @@ def _goal_notes(r: dict[str, Any]) -> list[str]:
         notes.append(
             f"- `dispatch_ratio_vs_stdlib`: through `run_in_executor` a call costs "
             f"{d['procbridge_run_in_executor_us']:.1f} µs against {d['procbridge_native_us']:.1f} µs through "
-            "`await pool.call`: the executor API adds a `concurrent.futures.Future`, pickling the function and its "
-            "arguments, and asyncio's `wrap_future`, which hands every result back through "
-            "`call_soon_threadsafe` (a write to the loop's wake-up pipe).")
+            "`await pool.call`: the executor API adds a `concurrent.futures.Future` (a lock and a condition per "
+            "call), pickling the function and its arguments, and pickling a result that is not a plain scalar on its "
+            "own. (The future is the pool's `LoopFuture`, which asyncio awaits as it is: no `wrap_future` chain and "
+            "no `call_soon_threadsafe` per result.)")
     for key, ms in (("burn10", 10), ("burn1", 1)):
         run = pb.get(key)
         if run:

@@ -1,28 +1,26 @@
 """Prometheus metrics (prometheus-client), one registry per app so tests can build many apps.
 
-Counters and the duration histogram are updated on each call; pool state (pending, workers by
-state, restarts) is read at scrape time from the pool and its shared-memory table, so the hot path
-pays nothing for it. Event-loop lag is measured by a periodic timer: how late it fires.
+Task calls by outcome and the duration histogram are plain counts updated on each call (a dict
+entry and a list slot: no lock, no `.labels()` lookup; only the loop's thread updates and scrapes
+them) and exposed at scrape time; pool state (pending, workers by state, restarts) is read at scrape
+time from the pool and its shared-memory table, so the hot path pays nothing for it. Event-loop lag
+is measured by a periodic timer: how late it fires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from workers.stats import STATE_NAMES
 
@@ -97,31 +95,57 @@ def _shm_metrics(segments: Any) -> Iterator[Any]:
     yield payloads
 
 
+class _TaskCollector(Collector):
+    """`procbridge_tasks_total{task,outcome}` and `procbridge_task_duration_seconds{task}` from
+    plain counts kept by `Metrics.observe`."""
+
+    _LE = [floatToGoString(b) for b in _DURATION_BUCKETS] + ["+Inf"]
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str], int] = {}
+        self.buckets: dict[str, list[int]] = {}  # per task: observations per bucket (not cumulative), +Inf last
+        self.sums: dict[str, float] = {}
+
+    def collect(self) -> Iterator[Any]:
+        calls = CounterMetricFamily("procbridge_tasks", "Task calls by outcome", labels=["task", "outcome"])
+        for (task, outcome), n in self.calls.items():
+            calls.add_metric([task, outcome], n)
+        duration = HistogramMetricFamily(
+            "procbridge_task_duration_seconds", "Seconds a task ran in its worker", labels=["task"]
+        )
+        for task, counts in self.buckets.items():
+            duration.add_metric(
+                [task], list(zip(self._LE, itertools.accumulate(counts), strict=True)), sum_value=self.sums[task]
+            )
+        yield calls
+        yield duration
+
+
 class Metrics:
     def __init__(self, pool: Callable[[], Any]) -> None:
         self.registry = CollectorRegistry()
-        self.tasks = Counter(
-            "procbridge_tasks", "Task calls by outcome", ["task", "outcome"], registry=self.registry
-        )
-        self.duration = Histogram(
-            "procbridge_task_duration_seconds", "Seconds a task ran in its worker", ["task"],
-            buckets=_DURATION_BUCKETS, registry=self.registry,
-        )
+        self._tasks = _TaskCollector()
+        self.registry.register(self._tasks)
         self.loop_lag = Gauge(
             "procbridge_event_loop_lag_seconds", "How late the event loop ran a timer (highest in the last second)",
             registry=self.registry,
         )
         self.registry.register(_PoolCollector(pool))
-        self._children: dict[tuple[str, str], Any] = {}
         self._lag_task: asyncio.Task[None] | None = None
 
     def observe(self, task: str, outcome: str, seconds: float | None = None) -> None:
-        child = self._children.get((task, outcome))
-        if child is None:
-            child = self._children[(task, outcome)] = self.tasks.labels(task, outcome)
-        child.inc()
+        """Count one call of `task` with its outcome ("ok" or a problem slug), and, given, the
+        seconds it ran. Called on the loop's thread only (as is the scrape)."""
+        stats = self._tasks
+        key = (task, outcome)
+        stats.calls[key] = stats.calls.get(key, 0) + 1
         if seconds is not None:
-            self.duration.labels(task).observe(seconds)
+            counts = stats.buckets.get(task)
+            if counts is None:
+                counts = stats.buckets[task] = [0] * (len(_DURATION_BUCKETS) + 1)
+                stats.sums[task] = 0.0
+            counts[bisect.bisect_left(_DURATION_BUCKETS, seconds)] += 1
+            stats.sums[task] += seconds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

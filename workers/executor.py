@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from workers.errors import TaskFailed
 
 if TYPE_CHECKING:
-    from workers.pool import Outcome
+    from workers.calls import Outcome
     from workers.stats import WorkerRow
 
 ProgressCallback = Callable[[float, float | None, str | None], None]

@@ -47,6 +47,10 @@ class FrameReader:
         self._buf = bytearray()
         self._big: bytearray | None = None
         self._got = 0
+        # Reads land here: `sock.recv(_CHUNK)` would allocate (and, past malloc's mmap threshold,
+        # map, shrink and unmap) a fresh _CHUNK-sized object on every read.
+        self._scratch = bytearray(_CHUNK)
+        self._view = memoryview(self._scratch)
 
     def read(self, sock: socket.socket) -> tuple[list[Any], bool]:
         """Read what is available; return the decoded frames and whether the peer has closed."""
@@ -62,16 +66,41 @@ class FrameReader:
                         out.append(_loads(self._big))
                         self._big = None
                     continue
-                chunk = sock.recv(_CHUNK)
+                n = sock.recv_into(self._scratch)
             except (BlockingIOError, InterruptedError):
                 return out, False
             except OSError:  # ECONNRESET and friends: the worker is gone
                 return out, True
-            if not chunk:
+            if not n:
                 return out, True
-            self._buf += chunk
-            self._parse(out)
+            chunk = self._view[:n]
+            if self._buf:
+                self._buf += chunk
+                self._parse(out)
+            else:
+                self._parse_chunk(chunk, out)
+            if n < _CHUNK and self._big is None:
+                # The socket had no more than this: stop here rather than pay a failing recv (and its
+                # exception) to learn so. The loop's reader is level-triggered: anything that
+                # arrives meanwhile calls us again.
+                return out, False
         return out, False
+
+    def _parse_chunk(self, chunk: memoryview, out: list[Any]) -> None:
+        """Frames from a freshly received chunk, with nothing buffered before it (the common case:
+        whole frames, decoded straight from the read buffer without copying them)."""
+        pos = 0
+        end = len(chunk)
+        while end - pos >= HEADER.size:
+            (size,) = HEADER.unpack_from(chunk, pos)
+            start = pos + HEADER.size
+            if end - start < size:
+                break
+            out.append(_loads(chunk[start : start + size]))
+            pos = start + size
+        if pos < end:
+            self._buf += chunk[pos:]
+            self._parse(out)
 
     def _parse(self, out: list[Any]) -> None:
         buf = self._buf
@@ -97,22 +126,65 @@ class FrameReader:
 
 
 class BlockingFrames:
-    """The worker side: plain blocking reads and writes on its end of the socket."""
+    """The worker side: blocking reads and writes on its end of the socket.
 
-    def __init__(self, sock: socket.socket) -> None:
+    With `buffered`, reads take whatever has arrived (up to _CHUNK) in one recv, so a batch of
+    calls costs one system call and frames that arrived together are decoded from one buffer; a
+    caller that polls the socket (select) to learn whether a frame is ready must not use it, since
+    a frame may then wait in the buffer rather than in the socket. Without, each frame is read
+    exactly (its header, then its payload).
+    """
+
+    def __init__(self, sock: socket.socket, *, buffered: bool = False) -> None:
         self._sock = sock
         self._sock.setblocking(True)
+        self._buffered = buffered
+        self._buf = bytearray()
+        self._pos = 0
+        self._scratch = bytearray(_CHUNK if buffered else 0)  # reads land here: no allocation per read
 
     def recv(self) -> Any | None:
         """The next frame, or None when the loop side has closed the socket."""
-        head = self._recv_exact(HEADER.size)
-        if head is None:
-            return None
-        (size,) = HEADER.unpack(head)
-        payload = self._recv_exact(size)
-        if payload is None:
-            return None
-        return pickle.loads(payload)
+        if not self._buffered:
+            head = self._recv_exact(HEADER.size)
+            if head is None:
+                return None
+            (size,) = HEADER.unpack(head)
+            payload = self._recv_exact(size)
+            return None if payload is None else pickle.loads(payload)
+        while True:
+            buf, pos = self._buf, self._pos
+            have = len(buf) - pos
+            if have >= HEADER.size:
+                (size,) = HEADER.unpack_from(buf, pos)
+                start = pos + HEADER.size
+                if len(buf) - start >= size:
+                    with memoryview(buf) as view:
+                        frame = pickle.loads(view[start : start + size])
+                    self._pos = start + size
+                    if self._pos == len(buf):
+                        self._buf = bytearray()
+                        self._pos = 0
+                    return frame
+                if size >= _BIG:  # a large frame: received in place, in one buffer of its size
+                    payload = bytearray(size)
+                    got = len(buf) - start
+                    payload[:got] = buf[start:]
+                    self._buf = bytearray()
+                    self._pos = 0
+                    if not self._recv_into(memoryview(payload)[got:]):
+                        return None
+                    return pickle.loads(payload)
+            n = self._wait()
+            if n is None:
+                continue
+            if not n:
+                return None
+            if pos:
+                del buf[:pos]
+                self._pos = 0
+            with memoryview(self._scratch) as view:
+                buf += view[:n]
 
     def send(self, obj: Any) -> None:
         header, payload = dumps(obj)
@@ -128,18 +200,31 @@ class BlockingFrames:
             if views and sent:
                 views[0] = views[0][sent:]
 
+    def _wait(self) -> int | None:
+        """Block until data arrives, read what there is into the scratch buffer: its length (0 once
+        the loop side closed), None if interrupted."""
+        try:
+            return self._sock.recv_into(self._scratch)
+        except InterruptedError:
+            return None
+        except OSError:
+            return 0
+
     def _recv_exact(self, size: int) -> bytearray | None:
         buf = bytearray(size)
-        view = memoryview(buf)
+        return buf if self._recv_into(memoryview(buf)) else None
+
+    def _recv_into(self, view: memoryview) -> bool:
         got = 0
+        size = len(view)
         while got < size:
             try:
                 n = self._sock.recv_into(view[got:])
             except InterruptedError:
                 continue
             except OSError:
-                return None
+                return False
             if n == 0:
-                return None
+                return False
             got += n
-        return buf
+        return True

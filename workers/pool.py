@@ -8,8 +8,9 @@ queues without bound. This pool instead:
   forked) and gives each one socket pair whose parent end the loop reads itself (`add_reader`);
 - batches hand-over both ways: calls submitted during one loop iteration go out as one frame per
   worker, and workers coalesce their results;
-- keeps a small in-flight window per worker, refilled straight from the read callback, and
-  pipelines only calls that are known to be short, so a long task never holds a short one back;
+- keeps a small in-flight window per worker (3 calls; up to 16 for tasks that take microseconds),
+  refilled straight from the read callback, and pipelines only calls that are known to be short,
+  so a long task never holds a short one back;
 - watches each worker's death through its process sentinel: the call that was running fails
   (WorkerCrashed) at once, the calls that had not started move to another worker, a replacement
   starts, and a task that keeps crashing workers meets an exponential back-off instead of a spin;
@@ -24,6 +25,10 @@ queues without bound. This pool instead:
 
 Everything on the loop is a short non-blocking step; process start, which can block for a few
 milliseconds inside multiprocessing, and the final stop run on one small helper thread.
+
+Beside this module: `calls.py` (a call's record, its Outcome, completing its waiter), `handle.py`
+(the loop's end of one worker: socket, window, write buffer), `processes.py` (killing and reaping
+workers) and `loop_future.py` (the future `submit` returns on the loop's thread).
 """
 
 from __future__ import annotations
@@ -33,11 +38,8 @@ import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
-import math
 import multiprocessing as mp
-import os
 import pickle
-import signal
 import socket
 import threading
 import time
@@ -45,11 +47,17 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any, NamedTuple
+from types import FunctionType
+from typing import Any
 
 from workers import framing
+from workers.calls import Call, Outcome, claim, drop, drop_leases, settle
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
 from workers.executor import LoopBoundExecutor, ProgressCallback
+from workers.handle import WorkerHandle
+from workers.loop_future import LoopFuture
+from workers.processes import exit_code_of, kill_group, kill_tree, reap, stop_processes
+from workers.processes import stop_helper_processes as stop_helper_processes  # re-exported: the service's exit
 from workers.shm import Lease, Segment, SegmentPool, ShmRef, new_prefix, plan_budget
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
 from workers.worker import (
@@ -78,19 +86,9 @@ log = logging.getLogger("procbridge.pool")
 _TICK = 0.05  # supervision period: timeouts are enforced within this of their deadline
 _SHORT = 0.002  # calls whose task averages under this may be pipelined behind another
 _CRASH_WINDOW = 10.0
-_IOV_MAX = 512
 _MEMORY_CEILING = 2  # a running task is killed once its worker's RSS passes this × max_worker_memory
+_FUNCTIONS_KEPT = 256  # plain functions whose pickle submit() keeps
 _DRAIN_READS = 1024  # bound on reads of a dead worker's socket (it holds at most its buffer)
-
-
-class Outcome(NamedTuple):
-    """A finished call: the task's value, the worker pid, the seconds it ran, and whether `value`
-    is the result already encoded as JSON bytes (calls made with encode_json=True)."""
-
-    value: Any
-    pid: int
-    elapsed: float
-    json: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,96 +109,6 @@ class PoolOptions:
     shm_need: int = 0  # bytes the largest payload in and out takes: less budget than this is warned about
 
 
-Waiter = asyncio.Future[Any] | cf.Future[Any]
-
-
-class _Call:
-    __slots__ = ("encode", "id", "kill_on_cancel", "kind", "leases", "name", "payload", "progress", "results",
-                 "shared", "timeout", "waiter", "worker")
-
-    def __init__(
-        self,
-        call_id: int,
-        kind: int,
-        name: str,
-        payload: Any,
-        encode: bool,
-        timeout: float | None,
-        waiter: Waiter,
-    ) -> None:
-        self.id = call_id
-        self.kind = kind
-        self.name = name
-        self.payload = payload  # KIND_TASK: the kwargs; KIND_FUNCTION: pickled (fn, args, kwargs)
-        self.encode = encode
-        self.timeout = timeout
-        self.waiter = waiter
-        self.worker: _Worker | None = None
-        self.progress: ProgressCallback | None = None
-        self.kill_on_cancel = False
-        self.leases: list[Lease] | None = None  # segments holding its arguments, held until the worker is done
-        self.results: list[Lease] | None = None  # segments granted for its results, not yet answered
-        self.shared = False  # its caller takes a bytes result as a Lease (and releases it)
-
-    def message(self) -> tuple[Any, ...]:
-        if self.leases is None:
-            return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None, False)
-        if self.kind == KIND_MAP:
-            payload: Any = [_refs(item) for item in self.payload]
-        else:
-            payload = _refs(self.payload)
-        return (self.id, self.kind, self.name, payload, self.encode, self.progress is not None, True)
-
-
-def _refs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.ref() if type(v) is Lease else v) for k, v in kwargs.items()}
-
-
-class _Worker:
-    __slots__ = (
-        "done", "dying", "eof", "idle", "inflight", "outbox", "overdue", "pid", "proc", "reader", "ready", "slot",
-        "sock", "wbuf",
-    )
-
-    def __init__(self, slot: int, proc: BaseProcess, sock: socket.socket) -> None:
-        self.slot = slot
-        self.proc = proc
-        self.pid: int = proc.pid or 0
-        self.sock = sock
-        self.reader = framing.FrameReader()
-        self.inflight: deque[_Call] = deque()  # in the order the worker runs them
-        self.outbox: list[tuple[Any, ...]] = []
-        self.wbuf: deque[memoryview] = deque()
-        self.done = 0  # results received: with the table's tasks_done, tells which results a death lost
-        self.overdue: tuple[int, float] | None = None  # (call id, start) a tick found past its deadline
-        self.ready = False
-        self.idle = False
-        self.eof = False
-        self.dying: str | None = None  # the restart reason once we decided (or saw) it must go
-
-
-def _settle(waiter: Waiter, value: Any = None, error: BaseException | None = None) -> bool:
-    """Complete a waiter unless its caller already gave up; True if this call completed it."""
-    if waiter.done():
-        return False
-    try:
-        if error is not None:
-            waiter.set_exception(error)
-        else:
-            waiter.set_result(value)
-    except (asyncio.InvalidStateError, cf.InvalidStateError):  # cancelled from another thread
-        return False
-    return True
-
-
-def _claim(call: _Call) -> bool:
-    """True if the call may still go to a worker (its caller has not given up on it)."""
-    waiter = call.waiter
-    if isinstance(waiter, cf.Future):
-        return waiter.set_running_or_notify_cancel()
-    return not waiter.done()
-
-
 class WorkerPool(LoopBoundExecutor):
     """A supervised pool of worker processes. Create, `await start()`, use, `await aclose()`."""
 
@@ -216,16 +124,17 @@ class WorkerPool(LoopBoundExecutor):
         self._loop_thread = 0
         self._table: WorkerTable | None = None
         self._spawner = cf.ThreadPoolExecutor(1, thread_name_prefix="procbridge-spawn")
-        self._workers: list[_Worker | None] = [None] * self.size
+        self._workers: list[WorkerHandle | None] = [None] * self.size
         self._replacing: set[int] = set()  # slots whose replacement is starting (no back-off)
         self._starting: dict[int, tuple[BaseProcess, socket.socket]] = {}
-        self._idle: list[_Worker] = []
-        self._queue: deque[_Call] = deque()
-        self._dirty: list[_Worker] = []
+        self._idle: list[WorkerHandle] = []
+        self._queue: deque[Call] = deque()
+        self._dirty: list[WorkerHandle] = []
         self._flush_handle: asyncio.Handle | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._averages: dict[str, float] = {}
+        self._functions: dict[Callable[..., Any], bytes] = {}  # submit(): plain functions, pickled once
         self._crashes: deque[float] = deque()
         self._quiet: asyncio.Event | None = None
         self._started: asyncio.Event | None = None
@@ -294,22 +203,22 @@ class WorkerPool(LoopBoundExecutor):
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         for call in self._queue:
-            _settle(call.waiter, error=PoolClosed())
-            _drop(call)
+            settle(call.waiter, error=PoolClosed())
+            drop(call)
         self._queue.clear()
         procs: list[BaseProcess] = []
         for w in self._workers:
             if w is None:
                 continue
             for call in w.inflight:
-                _settle(call.waiter, error=PoolClosed())
-                _drop(call)  # the segments are unlinked once the workers are gone
+                settle(call.waiter, error=PoolClosed())
+                drop(call)  # the segments are unlinked once the workers are gone
             w.dying = w.dying or "shutdown"
             busy = bool(w.inflight)
             w.inflight.clear()
             self._detach(w)  # closing our end tells an idle worker to exit
             if busy:
-                _kill_tree(w.pid)
+                kill_tree(w.pid)
             procs.append(w.proc)
         for proc, parent in self._starting.values():  # still inside proc.start(): stopped right after it
             parent.close()
@@ -321,7 +230,7 @@ class WorkerPool(LoopBoundExecutor):
             task.cancel()
         if self._loop is not None:
             # The spawner runs one thing at a time, so any proc.start() in progress finishes first.
-            await self._loop.run_in_executor(self._spawner, _stop_processes, procs, 2.0)
+            await self._loop.run_in_executor(self._spawner, stop_processes, procs, 2.0)
         self._spawner.shutdown(wait=False)
         if self._table is not None:
             self._table.close()
@@ -358,7 +267,7 @@ class WorkerPool(LoopBoundExecutor):
         """
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
-        call = _Call(
+        call = Call(
             next(self._ids), KIND_TASK, task, kwargs, encode_json,
             timeout if timeout is not None else self.options.task_timeout, waiter,
         )
@@ -385,7 +294,7 @@ class WorkerPool(LoopBoundExecutor):
         """
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[list[Outcome | TaskFailed]] = self._loop.create_future()
-        call = _Call(
+        call = Call(
             next(self._ids), KIND_MAP, task, items, True,
             timeout if timeout is not None else self.options.task_timeout * max(1, len(items)), waiter,
         )
@@ -413,7 +322,7 @@ class WorkerPool(LoopBoundExecutor):
         """Binary payloads larger than this go through shared memory; None: never."""
         return self.segments.threshold if self.segments is not None else None
 
-    async def _share(self, call: _Call) -> None:
+    async def _share(self, call: Call) -> None:
         """Give the call its own reference to each Lease among its arguments, and copy bytes larger
         than the threshold into new leases (those that find no room stay bytes)."""
         assert self.segments is not None
@@ -426,7 +335,7 @@ class WorkerPool(LoopBoundExecutor):
             else:
                 call.payload = await self._share_kwargs(call.payload, segments, leases)
         except BaseException:
-            _drop(call)
+            drop(call)
             raise
 
     @staticmethod
@@ -443,11 +352,11 @@ class WorkerPool(LoopBoundExecutor):
                     out[key] = lease
         return out
 
-    async def _await(self, call: _Call, waiter: asyncio.Future[Any]) -> Any:
+    async def _await(self, call: Call, waiter: asyncio.Future[Any]) -> Any:
         try:
             self._admit(call)
         except BaseException:
-            _drop(call)
+            drop(call)
             raise
         try:
             return await waiter
@@ -462,19 +371,27 @@ class WorkerPool(LoopBoundExecutor):
         Overloaded or PoolClosed. The function and its arguments are pickled here, in the caller's
         thread, so one that cannot be sent fails its own future only.
         """
-        future: cf.Future[Any] = cf.Future()
         if self._loop is None:
             raise RuntimeError("start() the pool before submitting work")
+        on_loop = threading.get_ident() == self._loop_thread
+        # On the loop's thread, a future asyncio takes as its own: run_in_executor returns it as it
+        # is and its result wakes the awaiting task with no thread-safe hop (workers/loop_future.py).
+        future: cf.Future[Any] = LoopFuture(self._loop, self._loop_thread) if on_loop else cf.Future()
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         try:
-            blob = pickle.dumps((fn, args, kwargs), protocol=5)
+            fn_blob = self._functions.get(fn) if type(fn) is FunctionType else None
+            if fn_blob is None:
+                fn_blob = pickle.dumps(fn, protocol=5)
+                if type(fn) is FunctionType and len(self._functions) < _FUNCTIONS_KEPT:
+                    self._functions[fn] = fn_blob  # a plain function pickles as its name: the same every time
+            blob = pickle.dumps((fn_blob, args, kwargs), protocol=5)
         except Exception as exc:  # noqa: BLE001 - a lambda, a lock...: this call fails, nothing else
             future.set_exception(TaskFailed(type(exc).__name__, f"the call cannot be sent to a worker: {exc}"))
             return future
-        call = _Call(next(self._ids), KIND_FUNCTION, name, blob, False, self.options.task_timeout, future)
-        if threading.get_ident() == self._loop_thread:
+        call = Call(next(self._ids), KIND_FUNCTION, name, blob, False, self.options.task_timeout, future)
+        if on_loop:
             self._admit_or_fail(call)
         else:
             self._loop.call_soon_threadsafe(self._admit_or_fail, call)
@@ -515,83 +432,86 @@ class WorkerPool(LoopBoundExecutor):
 
     # -- admission and dispatch -----------------------------------------------------------------
 
-    def _admit_or_fail(self, call: _Call) -> None:
+    def _admit_or_fail(self, call: Call) -> None:
         if call.waiter.done():
             return  # cancelled before it reached the loop
         try:
             self._admit(call)
         except Exception as exc:  # noqa: BLE001 - Overloaded/PoolClosed go to the caller's future
-            _settle(call.waiter, error=exc)
-            _drop(call)
+            settle(call.waiter, error=exc)
+            drop(call)
 
-    def _admit(self, call: _Call) -> None:
+    def _admit(self, call: Call) -> None:
         if self._closing:
             raise PoolClosed()
+        average = self._averages.get(call.name)
+        if average is not None:
+            call.short = average < _SHORT
+            call.est = average * len(call.payload) if call.kind == KIND_MAP else average
+        else:
+            call.est = 1.0  # unknown: not short, so it is never pipelined and never has one behind it
         if not self._queue:
             while self._idle:
                 w = self._idle.pop()
                 w.idle = False
                 if w.ready and not w.dying and not w.inflight:
-                    if _claim(call):
+                    if claim(call):
                         self._assign(w, call)
                     else:
-                        _drop(call)
+                        drop(call)
                         self._park(w)
                     return
-            if self._short(call.name):
+            if call.short:
+                best: WorkerHandle | None = None
                 for candidate in self._workers:
-                    if candidate is not None and self._can_pipeline(candidate):
-                        if _claim(call):
-                            self._assign(candidate, call)
-                        else:
-                            _drop(call)
-                        return
+                    if (
+                        candidate is not None and candidate.ready and not candidate.dying and candidate.inflight
+                        and (best is None or len(candidate.inflight) < len(best.inflight))
+                        and candidate.fits(call, self.options.window)
+                    ):
+                        best = candidate
+                if best is not None:
+                    if claim(call):
+                        self._assign(best, call)
+                    else:
+                        drop(call)
+                    return
         if len(self._queue) >= self.max_pending:
             raise Overloaded(len(self._queue))
         self._queue.append(call)
-        self._quiet_clear()
 
-    def _short(self, name: str) -> bool:
-        return self._averages.get(name, math.inf) < _SHORT
-
-    def _can_pipeline(self, w: _Worker) -> bool:
-        return (
-            w.ready and not w.dying and 0 < len(w.inflight) < self.options.window
-            and all(self._short(c.name) for c in w.inflight)
-        )
-
-    def _assign(self, w: _Worker, call: _Call) -> None:
+    def _assign(self, w: WorkerHandle, call: Call) -> None:
         call.worker = w
         if call.leases is not None:
             for lease in call.leases:
                 lease.segment.mapped_by.add(w.pid)
-        w.inflight.append(call)
+        w.add(call)
         w.outbox.append(call.message())
-        self._quiet_clear()
         if len(w.outbox) == 1:
             self._dirty.append(w)
             if self._flush_handle is None:
                 assert self._loop is not None
                 self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _park(self, w: _Worker) -> None:
+    def _park(self, w: WorkerHandle) -> None:
         if not w.idle and not w.inflight and w.ready and not w.dying:
             w.idle = True
             self._idle.append(w)
 
-    def _refill(self, w: _Worker) -> None:
+    def _refill(self, w: WorkerHandle) -> None:
         """Top up a worker's window from the queue; park it as idle if there is nothing to do."""
         if not w.ready or w.dying:
             return
         queue = self._queue
-        while queue and len(w.inflight) < self.options.window:
-            if w.inflight and not (self._can_pipeline(w) and self._short(queue[0].name)):
+        inflight = w.inflight
+        while queue:
+            if inflight and not w.fits(queue[0], self.options.window):
                 break
             call = queue.popleft()
-            if _claim(call):
+            if claim(call):
                 self._assign(w, call)
             else:  # its caller went away while it waited
-                _drop(call)
+                drop(call)
         self._park(w)
         self._check_quiet()
 
@@ -602,19 +522,19 @@ class WorkerPool(LoopBoundExecutor):
             w.idle = False
             self._refill(w)
 
-    def _abandon(self, call: _Call) -> None:
+    def _abandon(self, call: Call) -> None:
         """The caller stopped waiting: drop the call if it is still queued, and, where the pool is
         told to, stop it if it is running (calls already in a worker's window run anyway)."""
         w = call.worker
         if w is None:
             with contextlib.suppress(ValueError):
                 self._queue.remove(call)
-                _drop(call)
+                drop(call)
             self._check_quiet()
         elif (self.options.cancel_running or call.kill_on_cancel) and self._running_call(w) == call.id:
             self._kill(w, "cancelled")
 
-    def _running_call(self, w: _Worker) -> int | None:
+    def _running_call(self, w: WorkerHandle) -> int | None:
         if self._table is None:
             return None
         row = self._table.read(w.slot)
@@ -635,7 +555,7 @@ class WorkerPool(LoopBoundExecutor):
                 header, payload = self._dumps_isolating(w, messages)
             self._write(w, header, payload)
 
-    def _dumps_isolating(self, w: _Worker, messages: list[tuple[Any, ...]]) -> tuple[bytes, bytes]:
+    def _dumps_isolating(self, w: WorkerHandle, messages: list[tuple[Any, ...]]) -> tuple[bytes, bytes]:
         good = []
         for message in messages:
             try:
@@ -643,52 +563,19 @@ class WorkerPool(LoopBoundExecutor):
                 good.append(message)
             except Exception as exc:  # noqa: BLE001
                 for call in [c for c in w.inflight if c.id == message[0]]:
-                    w.inflight.remove(call)
-                    _settle(call.waiter, error=TaskFailed(type(exc).__name__, f"arguments cannot be sent: {exc}"))
-                    _drop(call)
+                    w.unassign(call)
+                    settle(call.waiter, error=TaskFailed(type(exc).__name__, f"arguments cannot be sent: {exc}"))
+                    drop(call)
         if not w.inflight:
             self._park(w)
             self._check_quiet()
         return framing.dumps(good)
 
-    def _write(self, w: _Worker, header: bytes, payload: bytes) -> None:
-        if not w.wbuf:
-            try:
-                sent = w.sock.sendmsg([header, payload])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                return  # the worker is gone; its sentinel will tell
-            if sent == len(header) + len(payload):
-                return
-            assert self._loop is not None
-            self._loop.add_writer(w.sock.fileno(), self._on_writable, w)
-        else:
-            sent = 0
-        for part in (memoryview(header), memoryview(payload)):
-            if sent >= len(part):
-                sent -= len(part)
-                continue
-            w.wbuf.append(part[sent:])
-            sent = 0
+    def _write(self, w: WorkerHandle, header: bytes, payload: bytes) -> None:
+        assert self._loop is not None
+        w.write(self._loop, header, payload)
 
-    def _on_writable(self, w: _Worker) -> None:
-        try:
-            sent = w.sock.sendmsg(list(itertools.islice(w.wbuf, _IOV_MAX)))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            sent = -1
-        while w.wbuf and sent >= len(w.wbuf[0]):
-            sent -= len(w.wbuf.popleft())
-        if w.wbuf and sent > 0:
-            w.wbuf[0] = w.wbuf[0][sent:]
-        if not w.wbuf or sent < 0:
-            w.wbuf.clear()
-            assert self._loop is not None
-            self._loop.remove_writer(w.sock.fileno())
-
-    def _on_readable(self, w: _Worker) -> None:
+    def _on_readable(self, w: WorkerHandle) -> None:
         frames, eof = w.reader.read(w.sock)
         for frame in frames:
             self._on_frame(w, frame)
@@ -699,7 +586,7 @@ class WorkerPool(LoopBoundExecutor):
         elif frames:
             self._refill(w)
 
-    def _on_frame(self, w: _Worker, frame: Any) -> None:
+    def _on_frame(self, w: WorkerHandle, frame: Any) -> None:
         if type(frame) is not list:
             if frame == READY:
                 w.ready = True
@@ -729,19 +616,19 @@ class WorkerPool(LoopBoundExecutor):
                         self._idle.remove(w)
                 continue
             w.done += 1
-            call = self._pop_call(w, call_id)
+            call = w.take(call_id)
             if call is None:
                 continue
             if call.kind == KIND_MAP:  # the time per item is what says whether the task is short
                 elapsed /= max(1, len(call.payload))
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
             if call.leases is not None:
-                _drop_leases(call.leases)  # the worker is done with its arguments
+                drop_leases(call.leases)  # the worker is done with its arguments
                 call.leases = None
             if status == ERROR:
-                _settle(call.waiter, error=TaskFailed(*payload))
+                settle(call.waiter, error=TaskFailed(*payload))
                 if call.results is not None:
-                    _drop(call)
+                    drop(call)
                 continue
             if status == OK_SHM:
                 payload = self._shared_result(call, payload, call.shared)
@@ -752,29 +639,29 @@ class WorkerPool(LoopBoundExecutor):
                     for item_status, value, item_elapsed in payload
                 ]
             if call.results is not None:
-                _drop(call)  # granted but not used (the result was small after all, or failed)
+                drop(call)  # granted but not used (the result was small after all, or failed)
             if status == OK_PICKLED:
                 try:
                     payload = pickle.loads(payload)
                 except BaseException as exc:  # noqa: BLE001 - not even SystemExit may escape into the loop
-                    _settle(call.waiter, error=TaskFailed(
+                    settle(call.waiter, error=TaskFailed(
                         type(exc).__name__, f"the task's result cannot be decoded by the service: {exc}"
                     ))
                     continue
             if call.kind == KIND_FUNCTION:
-                _settle(call.waiter, payload)
+                settle(call.waiter, payload)
             elif status == OK_MAP:
-                _settle(call.waiter, [
+                settle(call.waiter, [
                     TaskFailed(*value) if item_status == ERROR
                     else Outcome(value, w.pid, item_elapsed, item_status == OK_JSON)
                     for item_status, value, item_elapsed in payload
                 ])
-            elif not _settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON)) and type(
+            elif not settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON)) and type(
                 payload
             ) is Lease:
                 payload.release()  # nobody is waiting for it any more
 
-    def _shared_result(self, call: _Call, ref: ShmRef, shared: bool) -> Lease | bytes:
+    def _shared_result(self, call: Call, ref: ShmRef, shared: bool) -> Lease | bytes:
         """The result the worker wrote into a segment granted to this call: that lease (the caller
         takes it over) or its bytes (copied, the segment released at once)."""
         results = call.results or []
@@ -793,7 +680,7 @@ class WorkerPool(LoopBoundExecutor):
         finally:
             lease.release()
 
-    def _grant(self, w: _Worker, call_id: int, size: int) -> None:
+    def _grant(self, w: WorkerHandle, call_id: int, size: int) -> None:
         """The worker asks for a segment for its running call's bytes result: from the free list now,
         or a new one made off the loop; with no room, None (it sends the bytes inline)."""
         call = next((c for c in w.inflight if c.id == call_id), None)
@@ -806,10 +693,10 @@ class WorkerPool(LoopBoundExecutor):
         else:
             self._spawn_task(self._grant_new(w, call, segments, size))
 
-    async def _grant_new(self, w: _Worker, call: _Call, segments: SegmentPool, size: int) -> None:
+    async def _grant_new(self, w: WorkerHandle, call: Call, segments: SegmentPool, size: int) -> None:
         self._send_grant(w, call.id, call, await segments.lease(size, "out"))
 
-    def _send_grant(self, w: _Worker, call_id: int, call: _Call | None, lease: Lease | None) -> None:
+    def _send_grant(self, w: WorkerHandle, call_id: int, call: Call | None, lease: Lease | None) -> None:
         """Answer an ALLOC (the worker waits for it): the segment, now the call's, or None."""
         if lease is not None:
             if call is None or w.eof or w.dying or not any(c is call for c in w.inflight):
@@ -830,7 +717,7 @@ class WorkerPool(LoopBoundExecutor):
                 self._write(w, *framing.dumps((FORGET, [segment.name])))
 
     @staticmethod
-    def _progress(w: _Worker, call_id: int, report: tuple[float, float | None, str | None]) -> None:
+    def _progress(w: WorkerHandle, call_id: int, report: tuple[float, float | None, str | None]) -> None:
         for call in w.inflight:
             if call.id == call_id:
                 if call.progress is not None and not call.waiter.done():
@@ -839,16 +726,6 @@ class WorkerPool(LoopBoundExecutor):
                     except Exception:
                         log.exception("a progress callback failed")
                 return
-
-    @staticmethod
-    def _pop_call(w: _Worker, call_id: int) -> _Call | None:
-        if w.inflight and w.inflight[0].id == call_id:
-            return w.inflight.popleft()
-        for call in w.inflight:
-            if call.id == call_id:
-                w.inflight.remove(call)
-                return call
-        return None
 
     # -- supervision ----------------------------------------------------------------------------
 
@@ -875,7 +752,7 @@ class WorkerPool(LoopBoundExecutor):
                             # next call's id, the previous start): act only when two ticks agree.
                             seen = (row.call_id, row.started_at)
                             if w.overdue == seen:
-                                _settle(call.waiter, error=TaskTimeout(call.timeout))
+                                settle(call.waiter, error=TaskTimeout(call.timeout))
                                 self._kill(w, "timeout")
                             w.overdue = seen
                         break
@@ -885,7 +762,7 @@ class WorkerPool(LoopBoundExecutor):
             if not self._closed and self._loop is not None:
                 self._tick_handle = self._loop.call_later(_TICK, self._tick)
 
-    def _kill(self, w: _Worker, reason: str) -> None:
+    def _kill(self, w: WorkerHandle, reason: str) -> None:
         if w.dying:
             return
         w.dying = reason
@@ -899,9 +776,9 @@ class WorkerPool(LoopBoundExecutor):
         with contextlib.suppress(ValueError, OSError):
             if w.proc.exitcode is not None:
                 return  # already gone (and reaped): its pid may not be ours any more
-        _kill_tree(w.pid)
+        kill_tree(w.pid)
 
-    def _on_exit(self, w: _Worker) -> None:
+    def _on_exit(self, w: WorkerHandle) -> None:
         """The worker's process sentinel fired: it is gone. Settle its calls, re-queue the ones it
         never started, and start its replacement: all in this one callback, no waiting."""
         assert self._loop is not None and self._table is not None
@@ -925,24 +802,24 @@ class WorkerPool(LoopBoundExecutor):
             w.idle = False
             with contextlib.suppress(ValueError):
                 self._idle.remove(w)
-        exitcode = _exitcode(w.proc)
-        _kill_group(w.pid)  # whatever the task started in the worker's process group goes with it
+        exitcode = exit_code_of(w.proc)
+        kill_group(w.pid)  # whatever the task started in the worker's process group goes with it
         running = row.call_id if mine and row.state == BUSY else None
         lost = max(0, row.tasks_done - w.done) if mine else 0  # finished, results never sent
         requeue = []
         for i, call in enumerate(w.inflight):
             if call.results is not None:  # it may have half-written them: never handed on
-                _drop_leases(call.results)
+                drop_leases(call.results)
                 call.results = None
             if i < lost or call.id == running:
-                if _settle(call.waiter, error=WorkerCrashed(w.pid, exitcode)):
+                if settle(call.waiter, error=WorkerCrashed(w.pid, exitcode)):
                     log.error("worker %d died running %s (%s)", w.pid, call.name, describe_exit(exitcode))
-                _drop(call)
+                drop(call)
             elif not call.waiter.done():
                 call.worker = None
                 requeue.append(call)  # with its argument segments, for the next worker
             else:
-                _drop(call)
+                drop(call)
         w.inflight.clear()
         if reason == "crashed" and running is None and not lost:
             log.error("worker %d exited unexpectedly (%s)", w.pid, describe_exit(exitcode))
@@ -966,7 +843,7 @@ class WorkerPool(LoopBoundExecutor):
             proc.close()
         except ValueError:  # exit status not in yet (cannot really happen once the sentinel fired)
             with contextlib.suppress(RuntimeError):
-                self._spawner.submit(_reap, proc)
+                self._spawner.submit(reap, proc)
 
     async def _respawn(self, slot: int, delay: float) -> None:
         if delay:
@@ -1027,13 +904,13 @@ class WorkerPool(LoopBoundExecutor):
         if self._closed or self._starting.get(slot, (None,))[0] is not proc:
             return  # the pool closed while it started: _close has it
         del self._starting[slot]
-        w = _Worker(slot, proc, parent)
+        w = WorkerHandle(slot, proc, parent)
         parent.setblocking(False)
         self._workers[slot] = w
         self._loop.add_reader(parent.fileno(), self._on_readable, w)
         self._loop.add_reader(proc.sentinel, self._on_exit, w)
 
-    def _detach(self, w: _Worker) -> None:
+    def _detach(self, w: WorkerHandle) -> None:
         assert self._loop is not None
         fd = w.sock.fileno()
         if fd >= 0:
@@ -1060,95 +937,8 @@ class WorkerPool(LoopBoundExecutor):
     def _is_quiet(self) -> bool:
         return not self._queue and all(w is None or not w.inflight for w in self._workers)
 
-    def _quiet_clear(self) -> None:
-        if self._quiet is not None and self._quiet.is_set():
-            self._quiet.clear()
-
     def _check_quiet(self) -> None:
-        if self._quiet is not None and not self._quiet.is_set() and self._is_quiet():
+        """While draining (the only time anyone waits for it), say so once nothing is queued or
+        running. Calls are no longer admitted then, so a quiet pool stays quiet."""
+        if self._closing and self._quiet is not None and not self._quiet.is_set() and self._is_quiet():
             self._quiet.set()
-
-
-def _drop(call: _Call) -> None:
-    """Release every segment a call holds (its worker is done with them, or never got them)."""
-    if call.leases is not None:
-        _drop_leases(call.leases)
-        call.leases = None
-    if call.results is not None:
-        _drop_leases(call.results)
-        call.results = None
-
-
-def _drop_leases(leases: list[Lease]) -> None:
-    for lease in leases:
-        lease.release()
-    leases.clear()
-
-
-def _exitcode(proc: BaseProcess) -> int | None:
-    """The exit code of a process whose sentinel fired (a non-blocking poll), None if unknown."""
-    try:
-        return proc.exitcode
-    except (ValueError, OSError):
-        return None
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a worker and its process group (what its task started); the worker leads the group."""
-    if pid <= 0:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)  # not yet in its own group
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL what is left of a dead worker's process group (never the pid itself: it is reaped)."""
-    if pid > 0:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def _reap(proc: BaseProcess) -> int | None:
-    """Wait for a process the sentinel says is gone; return its exit code and release it."""
-    proc.join(5.0)
-    code = proc.exitcode
-    with contextlib.suppress(ValueError):
-        proc.close()
-    return code
-
-
-def _stop_processes(procs: list[BaseProcess], grace: float) -> None:
-    """Wait up to `grace` for workers to exit on their own, then SIGKILL and reap the rest."""
-    started = []
-    for proc in procs:
-        with contextlib.suppress(ValueError):  # closed already
-            if proc.pid is not None:  # None: its start failed or was cancelled
-                started.append(proc)
-    deadline = time.monotonic() + grace
-    for proc in started:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in started:
-        if proc.exitcode is None:
-            _kill_tree(proc.pid or 0)
-            proc.join(5.0)
-        with contextlib.suppress(ValueError):
-            proc.close()
-
-
-def stop_helper_processes() -> None:
-    """Stop multiprocessing's forkserver and resource tracker now, at service exit.
-
-    Both would exit on their own once they notice this process is gone, but only a moment later:
-    stopping them here (the stdlib's own test hooks, guarded) means no process outlives the
-    service, not even briefly. Call it only when no pool is running any more.
-    """
-    from multiprocessing import forkserver, resource_tracker
-
-    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
-        stop = getattr(helper, "_stop", None)
-        if stop is not None:
-            with contextlib.suppress(Exception):
-                stop()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import multiprocessing as mp
 import os
 import threading
+import types
 from pathlib import Path
 
 import orjson
@@ -28,9 +30,12 @@ from tests.workers.pool_harness import (
     wait_until,
     whole,
 )
+from workers.calls import Call
 from workers.errors import PoolClosed, TaskFailed, WorkerCrashed
+from workers.handle import DEEP_WINDOW, WorkerHandle
 from workers.pool import PoolOptions, WorkerPool
 from workers.stats import BUSY, IDLE, WorkerTable
+from workers.worker import KIND_TASK
 
 
 @on_uvloop
@@ -181,6 +186,131 @@ async def test_submit_from_another_thread() -> None:
         assert await loop.run_in_executor(None, from_a_thread) == [i + 10 for i in range(50)]
 
 
+def test_what_may_be_pipelined_into_a_window() -> None:
+    """The rule behind the windows (WorkerHandle.fits), with the expected run times given."""
+
+    def call(est: float | None) -> Call:
+        c = Call(1, KIND_TASK, "t", {}, False, None, cf.Future())
+        c.short, c.est = (False, 1.0) if est is None else (est < 0.002, est)
+        return c
+
+    def filled(window: int, est: float | None, first: float | None = None) -> int:
+        w = WorkerHandle(0, types.SimpleNamespace(pid=1), None)  # type: ignore[arg-type]
+        w.add(call(first if first is not None else est))
+        while w.fits(call(est), window) and len(w.inflight) < 100:
+            w.add(call(est))
+        return len(w.inflight)
+
+    assert filled(3, 0.00001) == DEEP_WINDOW == 16  # tiny: up to 16 in one frame
+    assert filled(3, 0.0002) == 5  # ...while their expected work stays under 1 ms
+    assert filled(3, 0.001) == 3  # about a millisecond: the plain window
+    assert filled(3, 0.0019) == 3
+    assert filled(3, 0.003) == 1  # not short: nothing behind it, and it behind nothing
+    assert filled(3, None) == 1  # never timed yet
+    assert filled(3, 0.00001, first=0.05) == 1  # nothing short goes behind a long one
+    assert filled(1, 0.00001) == 1  # window 1: no pipelining at all
+    w = WorkerHandle(0, types.SimpleNamespace(pid=1), None)  # type: ignore[arg-type]
+    calls = [call(0.0001) for _ in range(4)]
+    for i, c in enumerate(calls):
+        c.id = i
+        w.add(c)
+    assert w.take(2) is calls[2] and w.take(2) is None
+    w.unassign(calls[0])
+    assert [c.id for c in w.inflight] == [1, 3] and abs(w.load - 0.0002) < 1e-12
+    w.take(1), w.take(3)
+    assert not w.inflight and w.load == 0.0 and w.longs == 0
+
+
+@on_uvloop
+async def test_run_in_executor_gives_the_pools_own_future_with_asyncio_semantics(tmp_path: Path) -> None:
+    """On the loop's thread the pool's future is also an asyncio future: run_in_executor returns it
+    as it is (no second future, no thread-safe hop); awaiting, wait_for, gather, callbacks and
+    cancellation behave as with any asyncio future, and it is still a concurrent.futures.Future."""
+    await _asyncio_semantics(tmp_path)
+
+
+async def test_the_same_asyncio_semantics_on_the_stock_loop(tmp_path: Path) -> None:
+    await _asyncio_semantics(tmp_path)
+
+
+async def _asyncio_semantics(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    async with open_pool(workers=1, max_pending=100) as (pool, _):
+        fut = loop.run_in_executor(pool, fault_tasks.add, 1, 2)
+        assert isinstance(fut, cf.Future) and asyncio.isfuture(fut) and fut.get_loop() is loop
+        with pytest.raises(asyncio.InvalidStateError):
+            fut.result()  # on the loop's thread: an error, never a hang
+        called: list[object] = []
+        fut.add_done_callback(called.append)
+        assert await fut == 3 and fut.result() == 3
+        await asyncio.sleep(0)
+        assert called == [fut]
+
+        # a timeout while the call runs: TimeoutError at once; the call finishes in its worker
+        marker, gate = gate_files(tmp_path, "slow")
+        slow = loop.run_in_executor(pool, fault_tasks.mark_then_wait, str(marker), str(gate))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(slow, 0.2)
+        assert slow.cancelled()
+        await wait_for_file(marker)  # the call runs on in its worker all the same
+        with pytest.raises(asyncio.CancelledError):
+            slow.result()
+
+        # a task cancelled while its call runs ends cancelled; one cancelled while queued never runs
+        marker, gate2 = gate_files(tmp_path, "running")
+        ledger = tmp_path / "ledger"
+
+        async def await_it(f: asyncio.Future[object]) -> object:
+            return await f
+
+        open_gate(gate)
+        running = asyncio.ensure_future(await_it(
+            loop.run_in_executor(pool, fault_tasks.mark_then_wait, str(marker), str(gate2))
+        ))
+        await wait_for_file(marker)
+        queued = loop.run_in_executor(pool, fault_tasks.append_pid, str(ledger))
+        kept = loop.run_in_executor(pool, fault_tasks.add, 5, 5)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert running.cancelled()
+        assert queued.cancel() and queued.cancelled()
+        open_gate(gate2)
+        results = await asyncio.gather(queued, kept, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError) and results[1] == 10
+        assert await loop.run_in_executor(pool, fault_tasks.add, 2, 2) == 4
+        assert not ledger.exists(), "a call cancelled while it waited never ran"
+        assert pool.restarts == {}
+
+
+@on_uvloop
+async def test_functions_and_callables_of_executor_calls() -> None:
+    """A plain function is pickled once by the pool and unpickled once by each worker; a partial or
+    any other callable object travels with its own state on every call."""
+    loop = asyncio.get_running_loop()
+    async with open_pool(workers=1) as (pool, _):
+        for i in range(5):
+            assert await loop.run_in_executor(pool, fault_tasks.add, i, 1) == i + 1
+            assert await loop.run_in_executor(pool, functools.partial(fault_tasks.add, i), 10) == i + 10
+        assert await loop.run_in_executor(pool, functools.partial(fault_tasks.add, b=7), 1) == 8
+
+
+@on_uvloop
+async def test_futures_made_on_the_loop_can_be_waited_for_from_threads() -> None:
+    loop = asyncio.get_running_loop()
+    async with open_pool(workers=2, max_pending=1000) as (pool, _):
+        futures = [pool.submit(fault_tasks.add, i, 1) for i in range(40)]
+        slow = pool.submit(fault_tasks.pid_after, 100)  # still running when the thread starts waiting
+
+        def in_a_thread() -> tuple[int, list[int], int]:
+            pid = slow.result(timeout=30)  # blocks until the loop completes it
+            done, _ = cf.wait(futures, timeout=30)
+            return pid, sorted(f.result(timeout=30) for f in cf.as_completed(futures, timeout=30)), len(done)
+
+        pid, results, done = await loop.run_in_executor(None, in_a_thread)
+        assert pid in pool.pids() and results == [i + 1 for i in range(40)] and done == 40
+
+
 # -- the worker table ------------------------------------------------------------------------------
 
 
@@ -269,3 +399,28 @@ def _names_starting(prefix: str) -> list[str]:
 
 def test_fault_module_is_importable_in_workers() -> None:
     assert fault_tasks.__name__ == FAULTS
+
+
+@on_uvloop
+async def test_tiny_calls_share_a_deeper_window_and_longer_ones_keep_the_plain_one() -> None:
+    """Calls known to take microseconds are pipelined up to 16 deep (one frame carries many of them
+    each way); calls of about a millisecond still get at most `window` (3) per worker."""
+    async with open_pool(workers=1, max_pending=64) as (pool, _):
+        for _ in range(5):
+            await pool.call("echo", {"value": 0})
+            await pool.call("nap", {"ms": 1})
+        seen: list[int] = []
+
+        async def burst(task: str, kwargs: dict[str, object]) -> list[object]:
+            calls = [asyncio.ensure_future(pool.call(task, kwargs)) for _ in range(40)]
+            await asyncio.sleep(0)  # the calls were admitted in this loop turn
+            seen.append(max(pool.inflight().values()))
+            return [o.value for o in await asyncio.gather(*calls)]
+
+        assert await burst("echo", {"value": 7}) == [{"value": 7, "pid": pool.pids()[0]}] * 40
+        assert seen[-1] <= 16  # (more than 3 unless a loaded machine made echo look slow: see the next test)
+        assert len(await burst("nap", {"ms": 1})) == 40
+        assert seen[-1] <= 3
+        # a task the pool has not timed yet is never pipelined
+        assert len(await burst("spin", {"ms": 0})) == 40
+        assert seen[-1] == 1

@@ -1,0 +1,116 @@
+"""One call's record on the loop side, its outcome, and how its waiter is completed.
+
+`Call` is what the pool queues and hands to a worker's window; `settle` completes its waiter (an
+asyncio future for `WorkerPool.call`, a concurrent one for `submit`) unless its caller already gave
+up, and `drop` releases the shared-memory segments it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from workers.executor import ProgressCallback
+from workers.shm import Lease
+from workers.worker import KIND_MAP
+
+if TYPE_CHECKING:
+    from workers.handle import WorkerHandle
+
+
+class Outcome(NamedTuple):
+    """A finished call: the task's value, the worker pid, the seconds it ran, and whether `value`
+    is the result already encoded as JSON bytes (calls made with encode_json=True)."""
+
+    value: Any
+    pid: int
+    elapsed: float
+    json: bool = False
+
+
+Waiter = asyncio.Future[Any] | cf.Future[Any]
+
+
+class Call:
+    """A call admitted by the pool: queued, then in one worker's window until its result."""
+
+    __slots__ = ("encode", "est", "id", "kill_on_cancel", "kind", "leases", "name", "payload", "progress",
+                 "results", "shared", "short", "timeout", "waiter", "worker")
+
+    def __init__(
+        self,
+        call_id: int,
+        kind: int,
+        name: str,
+        payload: Any,
+        encode: bool,
+        timeout: float | None,
+        waiter: Waiter,
+    ) -> None:
+        self.id = call_id
+        self.kind = kind
+        self.name = name
+        self.payload = payload  # KIND_TASK: the kwargs; KIND_FUNCTION: pickled (fn, args, kwargs)
+        self.encode = encode
+        self.timeout = timeout
+        self.waiter = waiter
+        self.worker: WorkerHandle | None = None
+        self.progress: ProgressCallback | None = None
+        self.kill_on_cancel = False
+        self.leases: list[Lease] | None = None  # segments holding its arguments, held until the worker is done
+        self.results: list[Lease] | None = None  # segments granted for its results, not yet answered
+        self.shared = False  # its caller takes a bytes result as a Lease (and releases it)
+        self.short = False  # its task is known to be short (set on admission, from the moving average)
+        self.est = 0.0  # seconds it is expected to take (the whole chunk for a map call)
+
+    def message(self) -> tuple[Any, ...]:
+        if self.leases is None:
+            return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None, False)
+        if self.kind == KIND_MAP:
+            payload: Any = [refs(item) for item in self.payload]
+        else:
+            payload = refs(self.payload)
+        return (self.id, self.kind, self.name, payload, self.encode, self.progress is not None, True)
+
+
+def refs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.ref() if type(v) is Lease else v) for k, v in kwargs.items()}
+
+
+def settle(waiter: Waiter, value: Any = None, error: BaseException | None = None) -> bool:
+    """Complete a waiter unless its caller already gave up; True if this call completed it."""
+    if waiter.done():
+        return False
+    try:
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(value)
+    except (asyncio.InvalidStateError, cf.InvalidStateError):  # cancelled from another thread
+        return False
+    return True
+
+
+def claim(call: Call) -> bool:
+    """True if the call may still go to a worker (its caller has not given up on it)."""
+    waiter = call.waiter
+    if isinstance(waiter, cf.Future):
+        return waiter.set_running_or_notify_cancel()
+    return not waiter.done()
+
+
+def drop(call: Call) -> None:
+    """Release every segment a call holds (its worker is done with them, or never got them)."""
+    if call.leases is not None:
+        drop_leases(call.leases)
+        call.leases = None
+    if call.results is not None:
+        drop_leases(call.results)
+        call.results = None
+
+
+def drop_leases(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
+    leases.clear()
