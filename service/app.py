@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from service.access_log import STDERR, AccessLogSink, AuditLog, JsonAccessLogger
+from service.auth import KeyRing, auth_middleware
 from service.config import Config
 from service.metrics import Metrics
 from service.problems import problem_middleware
+from service.rate_limit import rate_limit_middleware
 from service.validation import TaskCatalog
 from workers import registry
 from workers.executor import Executor
@@ -34,9 +40,38 @@ class Service:
     jobs: JobRunner | None = None
     draining: bool = False
     openapi_doc: bytes | None = None  # built on first request, then served as is
+    access_log: AccessLogSink | None = None  # None: --access-log off
+
+    def runner_options(self) -> dict[str, Any]:
+        """The keyword arguments of web.AppRunner that belong to the app: its access log."""
+        if self.access_log is None:
+            return {"access_log": None}
+        # aiohttp hands `access_log` to `access_log_class` unchanged (one logger per connection).
+        return {"access_log_class": JsonAccessLogger, "access_log": self.access_log}
 
 
 SERVICE = web.AppKey("service", Service)
+
+
+class RejectedRequests(Collector):
+    """`procbridge_rejected_requests_total{reason}`: requests refused for a missing or wrong key
+    (`unauthorized`) or over the rate (`rate-limited`). Plain counts, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts = {"unauthorized": 0, "rate-limited": 0}
+
+    def unauthorized(self) -> None:
+        self.counts["unauthorized"] += 1
+
+    def rate_limited(self) -> None:
+        self.counts["rate-limited"] += 1
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily("procbridge_rejected_requests", "Requests refused by API keys or rate limits",
+                                     labels=["reason"])
+        for reason, n in self.counts.items():
+            family.add_metric([reason], n)
+        yield family
 
 
 def make_executor(config: Config) -> Executor:
@@ -85,7 +120,30 @@ def create_app(config: Config) -> web.Application:
 
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
-    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body + 1)
+    access_log = AccessLogSink(config.access_log) if config.access_log != "off" else None
+    service.access_log = access_log
+    if access_log is not None:
+        access_log.with_keys = bool(config.api_keys)
+    # Middlewares only for what is configured, so the default path pays nothing: errors outermost
+    # (a 401 or 429 is a problem like any other), then keys, then the rate (per key, so after keys).
+    middlewares: list[Middleware] = [problem_middleware]
+    rejected = RejectedRequests()
+    service.metrics.registry.register(rejected)
+    audit: AuditLog | None = None
+    audit_sink: AccessLogSink | None = None
+    if config.api_keys:
+        # Refused keys are audited on the access-log stream, or on stderr when that is off.
+        audit_sink = access_log if access_log is not None else AccessLogSink(STDERR)
+        audit = log_rejection = AuditLog(audit_sink)
+
+        def on_reject(request: web.Request, reason: str, key_id: str | None) -> None:
+            rejected.unauthorized()
+            log_rejection(request, reason, key_id)
+
+        middlewares.append(auth_middleware(KeyRing(config.api_keys), on_reject))
+    if config.rate_limit is not None:
+        middlewares.append(rate_limit_middleware(config.rate_limit, on_limited=rejected.rate_limited))
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body + 1)
     app[SERVICE] = service
     task_handlers.setup(app)
     map_handler.setup(app)
@@ -121,6 +179,22 @@ def create_app(config: Config) -> web.Application:
         if service.jobs is not None:
             await service.jobs.store.close()
 
+    sinks = [sink for sink in dict.fromkeys((access_log, audit_sink)) if sink is not None]
+
+    async def open_logs(app: web.Application) -> None:
+        for sink in sinks:
+            sink.start()
+
+    async def close_logs(app: web.Application) -> None:
+        # After the server has closed its connections (aiohttp runs cleanup hooks last), so every
+        # response has been logged; a stuck stdout costs at most the deadline, never the exit.
+        if audit is not None:
+            audit.close()
+        for sink in sinks:
+            await sink.aclose(timeout=2.0)
+
+    app.on_startup.append(open_logs)  # first: a log that cannot be opened stops start-up before the pool
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
+    app.on_cleanup.append(close_logs)
     return app

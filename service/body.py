@@ -4,19 +4,36 @@ segment the executor lends), never held whole in memory on the way."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from service.problems import Problem
 
 OCTET_STREAM = "application/octet-stream"
 
+# A body must keep arriving: no byte for BODY_IDLE_TIMEOUT seconds, or on average slower than
+# BODY_MIN_RATE bytes/s once BODY_TIMEOUT seconds have passed, is 408 request-timeout (the deadline
+# is BODY_TIMEOUT plus one second per BODY_MIN_RATE bytes received). See docs/security.md.
+BODY_IDLE_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+BODY_MIN_RATE = 16 * 1024
+
 
 def body_kind(request: web.Request, *, binary_ok: bool = True) -> str:
-    """'json' or 'binary' from the Content-Type header; 415 for anything else (or none)."""
+    """'json' or 'binary' from the Content-Type header; 415 for anything else (or none), and for a
+    Content-Encoding (the service never inflates a body: a small gzip bomb would cost the loop)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Problem(415, "unsupported-media-type",
+                      f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed",
+                      headers={"Accept-Encoding": "identity", "Connection": "close"})
     raw = request.headers.get("Content-Type")
     ctype = request.content_type if raw else ""
     if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
@@ -35,12 +52,35 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.content.iter_chunked(256 * 1024):
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    async with contextlib.aclosing(body_chunks(request, 256 * 1024)) as body:
+        async for chunk in body:
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
     return b"".join(chunks)
+
+
+def expect_continue(limit: int) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """An `Expect: 100-continue` handler for routes that take a body, with the size limit applied
+    first: a client that declares a body over `limit` gets its 413 at once instead of an invitation
+    to send it (aiohttp's default handler says "100 Continue" to any size)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            # returned, not raised: aiohttp calls this before the middlewares that turn Problems into responses
+            return Problem(417, "expectation-failed", "only Expect: 100-continue is understood").response()
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            return _too_large(limit).response()
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not part of the answer's size
+        return None
+
+    return handle
 
 
 class PayloadBuffer(Protocol):
@@ -81,25 +121,26 @@ async def read_payload(
     total = 0
     stay_inline = False  # a buffer was refused: the rest of the body stays in memory
     try:
-        async for chunk in request.content.iter_any():
-            end = total + len(chunk)
-            if end > limit:
-                raise _too_large(limit)
-            if target is not None and end > len(target.buffer):  # unknown size: grow, doubling
-                target = await _grow(target, total, min(limit, max(end, 2 * len(target.buffer))), allocate, inline)
-                stay_inline = target is None
-            elif target is None and not stay_inline and end > threshold:
-                target = await allocate(min(limit, max(2 * end, 4 * threshold)))
+        async with contextlib.aclosing(body_chunks(request)) as body:
+            async for chunk in body:
+                end = total + len(chunk)
+                if end > limit:
+                    raise _too_large(limit)
+                if target is not None and end > len(target.buffer):  # unknown size: grow, doubling
+                    target = await _grow(target, total, min(limit, max(end, 2 * len(target.buffer))), allocate, inline)
+                    stay_inline = target is None
+                elif target is None and not stay_inline and end > threshold:
+                    target = await allocate(min(limit, max(2 * end, 4 * threshold)))
+                    if target is None:
+                        stay_inline = True
+                    else:
+                        target.buffer[:total] = inline
+                        inline = bytearray()
                 if target is None:
-                    stay_inline = True
+                    inline += chunk
                 else:
-                    target.buffer[:total] = inline
-                    inline = bytearray()
-            if target is None:
-                inline += chunk
-            else:
-                target.buffer[total:end] = chunk
-            total = end
+                    target.buffer[total:end] = chunk
+                total = end
     except BaseException:
         if target is not None:
             target.release()
@@ -121,6 +162,46 @@ async def _grow(
         inline += old.buffer[:used]
     old.release()
     return new
+
+
+async def body_chunks(request: web.Request, size: int = -1) -> AsyncGenerator[bytes, None]:
+    """The body as it arrives (chunks of at most `size` bytes; -1: whatever is there), under the
+    deadlines above (408), with a body the HTTP parser refuses part-way (a bad chunked encoding, a
+    short Content-Length) as 400 bad-request. What is already buffered is taken without a timer."""
+    content = request.content
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    received = 0
+    try:
+        while True:
+            chunk = content.read_nowait(size)
+            if not chunk:
+                if content.at_eof():
+                    return
+                now = loop.time()
+                deadline = min(now + BODY_IDLE_TIMEOUT, start + BODY_TIMEOUT + received / BODY_MIN_RATE)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await (content.readany() if size < 0 else content.read(size))
+                except TimeoutError:
+                    raise _too_slow(received) from None
+                if not chunk:
+                    return
+            received += len(chunk)
+            yield chunk
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        reason = str(exc.__cause__ or exc).strip().splitlines()
+        raise Problem(400, "bad-request", f"the body is malformed: {reason[0][:200] if reason else exc!r}",
+                      headers={"Connection": "close"}) from None
+
+
+def _too_slow(received: int) -> Problem:
+    return Problem(
+        408, "request-timeout",
+        f"the body stopped arriving after {received} bytes (no data for {BODY_IDLE_TIMEOUT:g} s, or slower "
+        f"than {BODY_MIN_RATE} bytes/s after {BODY_TIMEOUT:g} s)",
+        headers={"Connection": "close"},
+    )
 
 
 def _too_large(limit: int) -> Problem:

@@ -56,6 +56,7 @@ class Config:
     shm_budget: int | None = None  # None: 3/4 of what /dev/shm has free at start-up; 0: off
     log_level: str = "info"
     debug: bool = False
+    access_log: str = "-"  # "-": stdout, "off", or a file path (appended to)
 
     def __post_init__(self) -> None:
         if self.max_pending == 0:
@@ -93,7 +94,11 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
      "bytes of /dev/shm payloads may use; 0: off [3/4 of what /dev/shm has free at start-up]"),
     ("--log-level", "PROCBRIDGE_LOG_LEVEL", "log_level", "debug, info, warning or error [info]"),
     ("--debug", "PROCBRIDGE_DEBUG", "debug", "include tracebacks in task-failed problems [false]"),
+    ("--access-log", "PROCBRIDGE_ACCESS_LOG", "access_log",
+     "JSON access log: - (stdout), off, or a file to append to [-]"),
 ]
+# Settings whose values are secrets: a bad one is reported without its value (keys must not reach a log).
+_SECRETS = {"api_keys"}
 _FLAGS = {"cancel_running_on_disconnect", "debug"}
 
 
@@ -129,7 +134,8 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         try:
             return convert(value.strip())
         except (ValueError, OSError) as exc:
-            raise ConfigError(f"{where}={value!r}: {exc}") from None
+            shown = "<not shown>" if dest in _SECRETS and not value.strip().startswith("@") else repr(value)
+            raise ConfigError(f"{where}={shown}: {exc}") from None
 
     workers = get("workers", _positive_int, None) or available_cpus()
     # 0 is refused rather than passed on: the pool would read it as "the default" (4 x workers).
@@ -158,6 +164,7 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         shm_budget=get("shm_budget", _size, None),
         log_level=get("log_level", _log_level, "info"),
         debug=get("debug", _bool, False),
+        access_log=get("access_log", _access_log, "-"),
     )
 
 
@@ -273,23 +280,51 @@ def _executor(s: str) -> str:
 
 
 def _api_keys(s: str) -> tuple[str, ...]:
+    """Keys from "k1,k2" or from "@FILE" (one per line; blank lines and `#` comments skipped).
+
+    A key must be something a client can send as `Authorization: Bearer <key>`: visible ASCII, no
+    spaces or commas; and not start with `@` or `#`, which would read as a file or a comment.
+    Messages name a bad key by its position, never by its text.
+    """
     if s.startswith("@"):
-        text = Path(s[1:]).read_text()
+        try:
+            text = Path(s[1:]).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("the key file is not UTF-8 text") from None
         keys = [line.strip() for line in text.splitlines()]
+        keys = [k for k in keys if not k.startswith("#")]
     else:
         keys = [part.strip() for part in s.split(",")]
-    keys = [k for k in keys if k and not k.startswith("#")]
+    keys = [k for k in keys if k]
     if not keys:
         raise ValueError("no keys given")
-    return tuple(keys)
+    for position, key in enumerate(keys, 1):
+        if not all("!" <= c <= "~" for c in key) or "," in key:
+            raise ValueError(f"key {position} has a character a Bearer token cannot carry "
+                             "(use visible ASCII without spaces or commas, e.g. letters, digits, -._~+/=)")
+        if key.startswith(("@", "#")):
+            raise ValueError(f"key {position} starts with {key[0]!r}, which would read as a file or a comment")
+    return tuple(dict.fromkeys(keys))  # duplicates dropped, order kept
 
 
-_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
-            "hour": 3600.0}
+def _access_log(s: str) -> str:
+    if s in ("-", "off"):
+        return s
+    path = Path(s)
+    if not s or "\0" in s or path.is_dir():
+        raise ValueError("must be - (stdout), off, or a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"the directory {str(path.parent)!r} does not exist")
+    return s
+
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0,
+            "mins": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hour": 3600.0, "hours": 3600.0}
 
 
 def parse_rate(s: str) -> RateLimit:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*([a-z]+)", s.lower())
+    """'20/s' -> 20 per second, '600/min', '1000/h', '5/10s' (5 per 10 s)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*/\s*(\d*(?:\.\d+)?)\s*([a-z]+)", s.lower())
     if not m or m.group(3) not in _PERIODS or float(m.group(1)) <= 0 or float(m.group(2) or 1) <= 0:
         raise ValueError("must look like 20/s, 600/min or 1000/h")
     return RateLimit(float(m.group(1)), float(m.group(2) or 1) * _PERIODS[m.group(3)])

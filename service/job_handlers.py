@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from service.app import SERVICE, Service
-from service.body import body_kind, parse_object, read_body, refuse_unknown_fields
+from service.body import body_kind, expect_continue, parse_object, read_body, refuse_unknown_fields
 from service.job_model import STATUSES, Job, new_job_id
 from service.problems import Problem
 from service.task_handlers import JSON_TYPE, PNG_SIGNATURE, json_response
@@ -25,7 +25,7 @@ _SSE_RECHECK = 1.0  # re-read the store this often while streaming (jobs run by 
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_post("/v1/jobs", submit_job)
+    app.router.add_post("/v1/jobs", submit_job, expect_handler=expect_continue(app[SERVICE].config.max_body))
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
@@ -65,6 +65,8 @@ async def submit_job(request: web.Request) -> web.Response:
         raise Problem(422, "invalid-arguments", f"Idempotency-Key: must be 1 to {_MAX_KEY} characters",
                       errors=[{"field": "Idempotency-Key", "message": "bad length"}])
     runner = _jobs(service)
+    if timeout is not None:  # at most --task-timeout, as for a synchronous call (see parse_timeout)
+        timeout = min(float(timeout), service.config.task_timeout)
     job = Job(id=new_job_id(), task=name, args=args, timeout=float(timeout) if timeout else None,
               idempotency_key=key)
     stored, created = await runner.store.create(job)

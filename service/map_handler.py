@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from service.app import SERVICE, Service
-from service.body import body_kind, parse_object, read_body, refuse_unknown_fields
+from service.body import body_kind, expect_continue, parse_object, read_body, refuse_unknown_fields
 from service.problems import Problem, from_pool_error
 from service.task_handlers import admit_or_refuse, parse_timeout
 from service.validation import TaskEntry
@@ -32,13 +32,13 @@ _MAX_CHUNK = 512
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_post("/v1/tasks/{name}/map", map_task)
+    app.router.add_post("/v1/tasks/{name}/map", map_task, expect_handler=expect_continue(app[SERVICE].config.max_body))
 
 
 async def map_task(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     entry = service.catalog.get(request.match_info["name"])
-    timeout = parse_timeout(request.query.get("timeout"))
+    timeout = parse_timeout(request.query.get("timeout"), service.config.task_timeout)
     body_kind(request, binary_ok=False)
     admit_or_refuse(service)
     payload = parse_object(await read_body(request, service.config.max_body))

@@ -67,7 +67,9 @@ def _task_operation(
     }
 
 
-def build_openapi(catalog: TaskCatalog) -> bytes:
+def build_openapi(catalog: TaskCatalog, *, keys_required: bool = True) -> bytes:
+    """The document; `keys_required`: the service runs with --api-keys, so every /v1/ operation needs
+    the bearer key (else the key is optional there: `security: [{"bearer": []}, {}]`)."""
     paths: dict[str, Any] = {
         "/healthz": {"get": {
             "summary": "Liveness: 200 while the event loop runs", "operationId": "healthz", "tags": ["ops"],
@@ -131,9 +133,75 @@ def build_openapi(catalog: TaskCatalog) -> bytes:
             "description": "CPU-heavy Python tasks served over HTTP by a supervised process pool.",
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "An API key, when the service runs with --api-keys: `Authorization: Bearer <key>`. "
+                               "Every /v1/ endpoint needs it then; /healthz, /readyz, /metrics and /openapi.json "
+                               "stay open.",
+            }},
+        },
     }
+    paths = orjson.loads(orjson.dumps(paths))  # a deep copy: the pass below must not edit shared parts
+    doc["paths"] = paths
+    v1_security: list[dict[str, list[str]]] = [{"bearer": []}] if keys_required else [{"bearer": []}, {}]
+    for path, item in paths.items():
+        for operation in item.values():
+            _complete_responses(path, operation, v1_security)
     return orjson.dumps(doc)
+
+
+# What any request may get before it reaches an endpoint (service/http_protocol.py and aiohttp's
+# parser), what a /v1/ endpoint may get from the auth and rate-limit layer, and what one that reads a
+# body may get while reading it. Added to every operation that does not say more already.
+_ANY_REQUEST = {
+    "400": "bad-request: a malformed HTTP request (request line, headers, framing)",
+    "414": "uri-too-long: the request line is longer than the limit",
+    "431": "header-too-large: a header field longer than the limit, or too many header fields",
+    "500": "internal-error: an unexpected error in the service",
+    "503": "too-many-connections: the service's or this client's connection limit is reached (Retry-After)",
+}
+_V1_REQUEST = {
+    "401": "unauthorized: API keys are configured and none or a wrong one was given (WWW-Authenticate: Bearer)",
+    "429": "rate-limited: this key (or client address) is over its rate (Retry-After)",
+}
+_BODY_REQUEST = {
+    "400": "bad-request: the body's framing is broken (chunked encoding)",
+    "408": "request-timeout: the body stopped arriving, or arrived too slowly",
+    "413": "payload-too-large: the body is over --max-body",
+    "415": "unsupported-media-type: a content type (or a Content-Encoding) the endpoint does not take",
+}
+
+
+def _complete_responses(path: str, operation: dict[str, Any], v1_security: list[dict[str, list[str]]]) -> None:
+    """Add the responses every operation may give to what it documents itself: each one's
+    problem+json content and slug, beside any other content the operation has for the status."""
+    extra = dict(_ANY_REQUEST)
+    if path.startswith("/v1/"):
+        extra.update(_V1_REQUEST)
+        operation["security"] = v1_security
+    else:
+        operation["security"] = []  # the probes and this document stay open
+    responses = operation["responses"]
+    for status, description in extra.items():
+        _add_problem(responses, status, description)
+    if "requestBody" in operation:
+        for status, description in _BODY_REQUEST.items():
+            _add_problem(responses, status, description)
+
+
+def _add_problem(responses: dict[str, Any], status: str, description: str) -> None:
+    response = responses.get(status)
+    if response is None:
+        responses[status] = _problem(description)
+        return
+    content = response.setdefault("content", {})
+    if "application/problem+json" not in content:
+        content["application/problem+json"] = {"schema": _PROBLEM}
+    slug = description.split(":", 1)[0]
+    if slug not in response["description"]:
+        response["description"] = f"{response['description']}; {description}"
 
 
 def _map_operation(name: str, item_schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -180,7 +248,10 @@ def _job_paths() -> dict[str, Any]:
                 }}}},
                 "responses": {
                     "202": {"description": "the job, stored", "headers": {"Location": {"schema": {"type": "string"}}},
-                            "content": {"application/json": {"schema": _JOB}}},
+                            "content": {"application/json": {"schema": _JOB}},
+                            "links": {name: {"operationId": op, "parameters": {"id": "$response.body#/id"}}
+                                      for name, op in (("GetJob", "get_job"), ("CancelJob", "cancel_job"),
+                                                       ("JobResult", "job_result"), ("JobEvents", "job_events"))}},
                     **{k: v for k, v in _CALL_ERRORS.items() if k in ("400", "401", "404", "413", "415", "422",
                                                                        "429", "503")},
                 },

@@ -45,7 +45,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if service.openapi_doc is None:
-        service.openapi_doc = build_openapi(service.catalog)
+        service.openapi_doc = build_openapi(service.catalog, keys_required=bool(service.config.api_keys))
     return web.Response(body=service.openapi_doc, content_type="application/json")
 
 

@@ -27,6 +27,7 @@ TITLES = {
     "unknown-job": "No such job",
     "method-not-allowed": "Method not allowed",
     "job-finished": "The job has already finished",
+    "expectation-failed": "Expectation failed",
     "payload-too-large": "Request body too large",
     "unsupported-media-type": "Unsupported media type",
     "invalid-arguments": "Arguments do not fit the task",
@@ -37,7 +38,16 @@ TITLES = {
     "overloaded": "Too much work is waiting",
     "draining": "The service is shutting down",
     "task-timeout": "The task ran past its timeout",
+    "bad-request": "Malformed request",
+    "request-timeout": "The request did not arrive in time",
+    "uri-too-long": "Request line too long",
+    "header-too-large": "Request header fields too large",
+    "too-many-connections": "Too many open connections",
+    "timeout": "The request timed out inside the service",
 }
+
+
+SLUG = web.ResponseKey("slug", str)  # response[SLUG]: the slug of a problem response, for the access log
 
 
 class Problem(Exception):
@@ -69,9 +79,11 @@ class Problem(Exception):
         }
 
     def response(self) -> web.Response:
-        return web.Response(
+        response = web.Response(
             status=self.status, body=orjson.dumps(self.body()), content_type=PROBLEM_JSON, headers=self.headers
         )
+        response[SLUG] = self.slug  # for the access log, which sees the response but not the Problem
+        return response
 
 
 def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1) -> Problem:
@@ -100,6 +112,9 @@ _HTTP_SLUGS = {
     413: "payload-too-large",
     415: "unsupported-media-type",
     400: "bad-request",
+    408: "request-timeout",
+    414: "uri-too-long",
+    431: "header-too-large",
 }
 
 

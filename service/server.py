@@ -19,6 +19,7 @@ from aiohttp import web
 
 from service.app import SERVICE, create_app
 from service.config import Config
+from service.http_protocol import BACKLOG, RUNNER_LIMITS, GuardedAppRunner
 from workers.pool import stop_helper_processes
 
 log = logging.getLogger("procbridge")
@@ -44,17 +45,19 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     app = create_app(config)
-    runner = web.AppRunner(
+    # GuardedAppRunner: aiohttp's AppRunner with problem+json for unparseable requests, a deadline for
+    # request heads and connection caps (service/http_protocol.py, which holds every limit).
+    runner = GuardedAppRunner(
         app,
         handle_signals=False,
         handler_cancellation=True,  # a client that hangs up cancels its handler: queued work is dropped
-        access_log=None,
         shutdown_timeout=5.0,
-        keepalive_timeout=75.0,
+        **RUNNER_LIMITS,  # keep-alive, header sizes and count, lingering, read buffer, no auto-decompression
+        **app[SERVICE].runner_options(),  # the JSON access log (service/access_log.py), unless --access-log off
     )
     await runner.setup()  # the startup hooks: the worker pool starts here
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(runner, config.host, config.port, backlog=BACKLOG, reuse_address=True)
         await site.start()
         bound = ", ".join(f"http://{s.getsockname()[0]}:{s.getsockname()[1]}" for s in _sockets(runner))
         log.info("procbridge listening on %s (%d workers)", bound, config.workers)

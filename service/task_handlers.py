@@ -17,8 +17,9 @@ import orjson
 from aiohttp import web
 
 from service.app import SERVICE, Service
-from service.body import OCTET_STREAM, PayloadBuffer, body_kind, parse_object, read_body, read_payload
+from service.body import OCTET_STREAM, PayloadBuffer, body_kind, expect_continue, parse_object, read_body, read_payload
 from service.problems import Problem, from_pool_error
+from service.validation import TaskEntry
 from workers.errors import PoolError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +29,7 @@ _WRITE_CHUNK = 1024 * 1024  # a large result goes to the socket in slices of its
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/tasks", list_tasks)
-    app.router.add_post("/v1/tasks/{name}", call_task)
+    app.router.add_post("/v1/tasks/{name}", call_task, expect_handler=expect_continue(app[SERVICE].config.max_body))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -41,20 +42,22 @@ async def call_task(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     entry = service.catalog.get(request.match_info["name"])
     try:
-        return await _call_task(request, service, entry.name)
+        return await _call_task(request, service, entry)
     except Problem as problem:  # every refused or failed call of a known task is counted
         service.metrics.observe(entry.name, problem.slug)
         raise
 
 
-async def _call_task(request: web.Request, service: Service, name: str) -> web.StreamResponse:
-    entry = service.catalog.get(name)
-    timeout = parse_timeout(request.query.get("timeout"))
+async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -> web.StreamResponse:
+    has_query = bool(request.query_string)  # most calls have none: no query parsing for them
+    timeout = parse_timeout(request.query.get("timeout"), service.config.task_timeout) if has_query else None
     kind = body_kind(request)
     admit_or_refuse(service)  # before reading the body: a refused call costs no buffering
     if kind == "json":
-        body = await read_body(request, service.config.max_body)
-        extra = sorted(set(request.query) - {"timeout"})
+        body = buffered_body(request, service.config.max_body)
+        if body is None:
+            body = await read_body(request, service.config.max_body)
+        extra = sorted(set(request.query) - {"timeout"}) if has_query else None
         if extra:
             raise Problem(
                 422, "invalid-arguments",
@@ -89,6 +92,23 @@ async def _call_task(request: web.Request, service: Service, name: str) -> web.S
         return await stream_buffer(request, value, headers)
     ctype = "image/png" if value[:8] == PNG_SIGNATURE else OCTET_STREAM
     return web.Response(body=value, content_type=ctype, headers=headers)
+
+
+def buffered_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body when it has already arrived in full (a small body usually comes with its
+    headers) and its declared size is within `limit`: taken without a reader, a timer or a copy
+    per chunk. None otherwise: read it with `read_body`, which applies the deadlines and limits."""
+    declared = request.content_length
+    if declared is None or declared > limit:
+        return None
+    content = request.content
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    body = content.read_nowait(-1)
+    if len(body) != declared:  # cannot happen: the parser ends the body at its declared length
+        raise Problem(400, "bad-request", "the body does not match its Content-Length",
+                      headers={"Connection": "close"})
+    return body
 
 
 async def stream_buffer(request: web.Request, buffer: PayloadBuffer, headers: dict[str, str]) -> web.StreamResponse:
@@ -155,7 +175,10 @@ async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout:
     return outcome
 
 
-def parse_timeout(raw: str | None) -> float | None:
+def parse_timeout(raw: str | None, cap: float | None = None) -> float | None:
+    """A call's ?timeout= (422 unless a number of seconds > 0), at most `cap` (--task-timeout): a
+    client may shorten its call's timeout, never lengthen it past what the operator allows, or one
+    client could tie every worker up for as long as its tasks take (burn: an hour)."""
     if raw is None:
         return None
     try:
@@ -165,7 +188,7 @@ def parse_timeout(raw: str | None) -> float | None:
     if not math.isfinite(value) or value <= 0:
         raise Problem(422, "invalid-arguments", f"timeout: must be a number of seconds > 0, got {raw!r}",
                       errors=[{"field": "timeout", "message": "must be a number of seconds > 0"}])
-    return value
+    return value if cap is None else min(value, cap)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -3,7 +3,9 @@ server started as a subprocess (`server_factory`), with every process it started
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -41,6 +43,20 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """`wait_for` on an event loop: poll `condition` (plain or async) without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -156,6 +172,19 @@ def start_server(
     wait_for(ready, ready_timeout, 0.05, "the server to become ready")
     server.descendants()
     return server
+
+
+@contextlib.contextmanager
+def serving(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A real server for the block (or a module fixture); stopped at the end, and whatever it left
+    behind killed even when its stop fails (the failure is the test's to report, not the teardown's)."""
+    srv = start_server(folder, *args, env=env)
+    try:
+        yield srv
+    finally:
+        with contextlib.suppress(AssertionError):
+            srv.stop(timeout=15)
+        srv.kill_all()
 
 
 @pytest.fixture

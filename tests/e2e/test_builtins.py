@@ -3,7 +3,6 @@ workers, and the introspection endpoints (/v1/workers, /openapi.json, /metrics) 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client as httpclient
 import io
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Reply, ServerProcess, http, joined, post_json, run_in_thread, start_server, wait_for
+from tests.conftest import Reply, ServerProcess, http, joined, post_json, run_in_thread, serving, wait_for
 
 BUILTINS = ("primes", "burn", "sha256", "mandelbrot")
 
@@ -24,13 +23,8 @@ BUILTINS = ("primes", "burn", "sha256", "mandelbrot")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server shared by the read-only correctness tests of this module."""
-    srv = start_server(tmp_path_factory.mktemp("builtins"), "--workers", "2")
-    try:
+    with serving(tmp_path_factory.mktemp("builtins"), "--workers", "2") as srv:
         yield srv
-    finally:
-        with contextlib.suppress(AssertionError):
-            srv.stop(timeout=15)
-        srv.kill_all()
 
 
 def call(server: ServerProcess, task: str, args: dict[str, Any]) -> Any:

@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import io
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import SERVICE, create_app
 from service.config import Config
+from tests.conftest import wait_until
 
 BUILTINS = {"primes", "burn", "sha256", "mandelbrot"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,16 +40,6 @@ def make_client(aiohttp_client, tmp_path) -> MakeClient:
     return make
 
 
-async def wait_until(condition: Callable[[], Awaitable[Any]], timeout: float = 15.0, what: str = "") -> Any:
-    """Poll an async condition until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        await asyncio.sleep(0.01)
 
 
 async def call(client: TestClient[Any, Any], name: str, args: Any, query: str = "") -> Any:

@@ -36,6 +36,8 @@ SETTINGS = [
     ("--shutdown-grace", "PROCBRIDGE_SHUTDOWN_GRACE", "shutdown_grace", "3", "0", 3.0, 0.0),
     ("--shm-threshold", "PROCBRIDGE_SHM_THRESHOLD", "shm_threshold", "1MiB", "4096", MIB, 4096),
     ("--shm-budget", "PROCBRIDGE_SHM_BUDGET", "shm_budget", "512MiB", "0", 512 * MIB, 0),
+    ("--access-log", "PROCBRIDGE_ACCESS_LOG", "access_log", "off", "/tmp/procbridge-access.log", "off",
+     "/tmp/procbridge-access.log"),
 ]
 
 
@@ -106,6 +108,39 @@ def test_api_keys_from_a_list_or_a_file(tmp_path):
     assert load([], {"PROCBRIDGE_API_KEYS": f"@{keys}"}).api_keys == ("first", "second")
 
 
+def test_api_keys_drop_duplicates_and_refuse_what_would_read_as_a_file_or_a_comment():
+    assert load(["--api-keys", "a,b,a,b"], {}).api_keys == ("a", "b")
+    for listed in ("ok-key,#comment-like", "ok-key,@file-like"):
+        with pytest.raises(ConfigError, match="key 2 starts with"):
+            load(["--api-keys", listed], {})
+
+
+def test_a_bad_key_is_named_by_its_position_never_shown(tmp_path):
+    secret = "s3cret-but-has a-space"
+    listed = f"first-key,{secret}"
+    for argv, env in ((["--api-keys", listed], {}), ([], {"PROCBRIDGE_API_KEYS": listed})):
+        with pytest.raises(ConfigError) as info:
+            load(argv, env)
+        assert "key 2" in str(info.value)
+        assert secret not in str(info.value) and "first-key" not in str(info.value)
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"first-key\n{secret}\n")
+    with pytest.raises(ConfigError) as info:
+        load(["--api-keys", f"@{keys}"], {})
+    assert str(keys) in str(info.value) and secret not in str(info.value)  # the file is named, not its keys
+
+
+def test_access_log_default_is_stdout():
+    assert load([], {}).access_log == "-"
+    assert Config().access_log == "-"
+
+
+def test_rate_limits_accept_plural_units_and_fractions():
+    assert load(["--rate-limit", "20/seconds"], {}).rate_limit == RateLimit(20, 1)
+    assert load(["--rate-limit", "100 / 5 mins"], {}).rate_limit == RateLimit(100, 300)
+    assert load(["--rate-limit", "0.5/s"], {}).rate_limit == RateLimit(0.5, 1)
+
+
 def test_rate_limits():
     per_second = load(["--rate-limit", "20/s"], {}).rate_limit
     assert per_second == RateLimit(20, 1)
@@ -144,6 +179,11 @@ def test_rate_limits():
         ([], {"PROCBRIDGE_RATE_LIMIT": "lots"}, "PROCBRIDGE_RATE_LIMIT"),
         (["--api-keys", " , "], {}, "--api-keys"),
         (["--api-keys", "@/nonexistent/procbridge-keys"], {}, "--api-keys"),
+        (["--api-keys", "good-key,bad key"], {}, "--api-keys"),
+        ([], {"PROCBRIDGE_API_KEYS": "clé-non-ascii"}, "PROCBRIDGE_API_KEYS"),
+        (["--rate-limit", "20/ms"], {}, "--rate-limit"),
+        (["--access-log", "/nonexistent-dir/access.log"], {}, "--access-log"),
+        (["--access-log", "/tmp"], {}, "--access-log"),
         (["--store", "ftp://somewhere"], {}, "--store"),
         (["--tasks", "not a module"], {}, "--tasks"),
         (["--host", "bad host"], {}, "--host"),

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import psutil
 import uvloop
 
+from tests.conftest import wait_until
 from workers.pool import PoolOptions, WorkerPool
 
 FAULTS = "tests.workers.fault_tasks"
@@ -43,16 +43,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll `condition` on the loop until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        await asyncio.sleep(0.005)
 
 
 async def wait_for_file(path: Path, timeout: float = 10.0) -> str:

@@ -26,6 +26,7 @@ pytest.importorskip("distributed")
 
 from distributed import LocalCluster
 
+from tests.conftest import wait_until
 from tests.dask_cluster import DaskProcesses
 from workers.dask_executor import DaskExecutor, DaskOptions, DaskUnavailable, parse_address
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
@@ -44,18 +45,6 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
-async def wait_until(condition: Any, timeout: float = 15.0, what: str = "") -> Any:
-    """Poll `condition` on the loop (it may be async) until truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,82 @@
+"""The OpenAPI document describes every response the service really gives: each operation lists the
+problems any request may get (malformed HTTP, header floods, connection limits), the /v1/ ones the
+auth and rate-limit answers and a bearer security requirement, the ones with a body the body's own
+problems; the probes stay open. (tests/e2e/test_fuzz.py checks real responses against it.)"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import pytest
+
+from service.openapi import build_openapi
+from service.problems import TITLES
+from service.validation import TaskCatalog
+from workers import registry
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return dict(orjson.loads(build_openapi(TaskCatalog(registry.load(())))))
+
+
+def operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(path, method, op) for path, item in doc["paths"].items() for method, op in item.items()]
+
+
+def test_bearer_security_on_v1_and_open_probes(doc):
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        **doc["components"]["securitySchemes"]["bearer"], "type": "http", "scheme": "bearer"}
+    for path, method, op in operations(doc):
+        if path.startswith("/v1/"):
+            assert op["security"] == [{"bearer": []}], (path, method)
+            assert "401" in op["responses"] and "429" in op["responses"], (path, method)
+        else:
+            assert op["security"] == [], (path, method)
+            assert "401" not in op["responses"], (path, method)
+    assert {"/healthz", "/readyz", "/metrics", "/openapi.json"} <= {p for p, _, _ in operations(doc)}
+
+
+def test_without_keys_the_bearer_key_is_optional():
+    doc = orjson.loads(build_openapi(TaskCatalog(registry.load(())), keys_required=False))
+    for path, method, op in operations(doc):
+        assert op["security"] == ([{"bearer": []}, {}] if path.startswith("/v1/") else []), (path, method)
+
+
+def test_every_operation_documents_the_problems_any_request_may_get(doc):
+    for path, method, op in operations(doc):
+        responses = op["responses"]
+        for status in ("400", "414", "431", "500", "503"):
+            content = responses[status]["content"]
+            assert content["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}, (
+                path, method, status)
+        if "requestBody" in op:
+            for status in ("408", "413", "415"):
+                assert "application/problem+json" in responses[status]["content"], (path, method, status)
+
+
+def test_statuses_keep_their_own_content_beside_the_problem(doc):
+    readyz = doc["paths"]["/readyz"]["get"]["responses"]["503"]
+    assert set(readyz["content"]) == {"application/json", "application/problem+json"}
+    assert "too-many-connections" in readyz["description"] and "draining" in readyz["description"]
+    call = doc["paths"]["/v1/tasks/primes"]["post"]["responses"]
+    assert "invalid-json" in call["400"]["description"] and "bad-request" in call["400"]["description"]
+    assert {"200", "400", "401", "404", "408", "413", "415", "422", "429", "500", "502", "503", "504"} <= set(call)
+
+
+def test_every_slug_named_in_the_document_has_a_title(doc):
+    for path, method, op in operations(doc):
+        for status, response in op["responses"].items():
+            if "application/problem+json" not in response.get("content", {}):
+                continue
+            description = response["description"]
+            slugs = {re.split(r"[: ]", description)[0], *re.findall(r"; ([a-z]+(?:-[a-z]+)*):", description)}
+            for slug in slugs - {"job-not-finished"}:  # "job-not-finished or job-failed": titled by its handler
+                assert slug in TITLES, (path, method, status, slug)
+
+
+def test_building_twice_gives_the_same_document():
+    catalog = TaskCatalog(registry.load(()))
+    assert build_openapi(catalog) == build_openapi(catalog)
