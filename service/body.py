@@ -29,12 +29,15 @@ BODY_MIN_RATE = 16 * 1024
 def body_kind(request: web.Request, *, binary_ok: bool = True) -> str:
     """'json' or 'binary' from the Content-Type header; 415 for anything else (or none), and for a
     Content-Encoding (the service never inflates a body: a small gzip bomb would cost the loop)."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    headers = request.headers
+    encoding = headers.get("Content-Encoding")
+    if encoding is not None and (encoding := encoding.strip().lower()) not in ("", "identity"):
         raise Problem(415, "unsupported-media-type",
                       f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed",
                       headers={"Accept-Encoding": "identity", "Connection": "close"})
-    raw = request.headers.get("Content-Type")
+    raw = headers.get("Content-Type")
+    if raw == "application/json":  # the common case, without parsing the header's parameters
+        return "json"
     ctype = request.content_type if raw else ""
     if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
         return "json"

@@ -180,6 +180,15 @@ class BlockingFrames:
                 continue
             if not n:
                 return None
+            if not buf and n >= HEADER.size:  # nothing buffered: a whole frame decodes straight from the read
+                (size,) = HEADER.unpack_from(self._scratch)
+                end = HEADER.size + size
+                if end <= n:
+                    with memoryview(self._scratch) as view:
+                        frame = pickle.loads(view[HEADER.size : end])
+                        if end < n:
+                            buf += view[end:n]  # the frames after it wait in the buffer
+                    return frame
             if pos:
                 del buf[:pos]
                 self._pos = 0
@@ -191,7 +200,15 @@ class BlockingFrames:
         self.send_raw(header, payload)
 
     def send_raw(self, header: bytes, payload: bytes) -> None:
+        sent = self._sock.sendmsg((header, payload))
+        if sent == len(header) + len(payload):  # the usual case: all of it at once
+            return
         views = [memoryview(header), memoryview(payload)]
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
         while views:
             sent = self._sock.sendmsg(views)
             while views and sent >= len(views[0]):

@@ -67,6 +67,7 @@ _COALESCE_FOR = 0.001  # a finished result waits at most this long for company
 _MAX_BATCH = 256
 _PLAIN = frozenset({int, float, str, bool, type(None)})
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_CPU_EXACT = 0.0005  # a call running at least this long reads the CPU clock at its end (else its batch does)
 _PROGRESS_EVERY = 0.05  # at most one progress report per call this often (the final one always goes)
 
 
@@ -111,14 +112,15 @@ class _Link:
     """The worker's end of the wire: frames, the calls received and not yet run, and the segments
     it has mapped. Control frames (grants, forgets) can arrive between call batches at any time."""
 
-    __slots__ = ("cpu", "frames", "maps", "pending", "threshold")
+    __slots__ = ("cpu", "frames", "maps", "pending", "stale", "threshold")
 
     def __init__(self, frames: BlockingFrames, threshold: int | None) -> None:
         self.frames = frames
         self.threshold = threshold
         self.maps = Mappings()
         self.pending: deque[tuple[Any, ...]] = deque()
-        self.cpu = time.process_time()  # CPU seconds at the end of the last call
+        self.cpu = time.process_time()  # CPU seconds at the end of the last call (or of the last batch)
+        self.stale = False  # calls ran since `cpu` was read (tiny ones: it is read at the end of their batch)
 
     def receive(self) -> bool:
         """Wait for the next batch of calls (into `pending`); False once the service closed the socket."""
@@ -159,6 +161,10 @@ def _serve(link: _Link, row: RowWriter, options: WorkerOptions) -> None:
     while True:
         if not pending:
             if out:
+                if link.stale:  # the CPU seconds of the batch's tiny calls: one clock read for all of them
+                    link.stale = False
+                    link.cpu = time.process_time()
+                    row.idle(link.cpu)
                 _send(frames, out)
                 out = []
             if not link.receive():
@@ -189,7 +195,7 @@ def _serve(link: _Link, row: RowWriter, options: WorkerOptions) -> None:
 def _run(call: tuple[Any, ...], row: RowWriter, link: _Link) -> tuple[Any, ...]:
     call_id, kind, name, payload, encode, report, shared = call
     # The row's CPU seconds at the start are those at the end of the previous call: one clock read
-    # (a real system call for CPU time) per call instead of two.
+    # (a real system call for CPU time) per call instead of two, and for tiny calls one per batch.
     row.begin(call_id, name, time.monotonic(), link.cpu)
     if report:
         context.set_sink(_ProgressSender(link.frames, call_id))
@@ -211,11 +217,15 @@ def _run(call: tuple[Any, ...], row: RowWriter, link: _Link) -> tuple[Any, ...]:
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
         status, value = ERROR, describe_exception(exc)
     finally:
-        context.set_sink(None)
+        if report:
+            context.set_sink(None)
         if views:
             _release(views)
     elapsed = time.perf_counter() - start
-    link.cpu = time.process_time()
+    if elapsed >= _CPU_EXACT:
+        link.cpu = time.process_time()
+    else:  # a tiny call: its CPU time is read once its batch is done (see _serve), not per call
+        link.stale = True
     row.end(link.cpu)
     return (call_id, status, value, elapsed)
 
