@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -172,6 +173,14 @@ def start_server(
     wait_for(ready, ready_timeout, 0.05, "the server to become ready")
     server.descendants()
     return server
+
+
+def metric(server: ServerProcess, name: str, labels: str = "") -> float:
+    """One sample's value from the server's /metrics (0.0 when the series is not there yet)."""
+    text = http("GET", server.url + "/metrics").body.decode()
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 @contextlib.contextmanager

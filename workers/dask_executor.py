@@ -74,29 +74,25 @@ ISOLATION_MODES = ("process", "thread")
 _TICK = 0.1
 
 
-class DaskUnavailable(WorkerCrashed):
+class _ClusterFailure(WorkerCrashed):
+    """A call the cluster failed (502, like a crashed worker), told in a sentence: no pid, no signal."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(0, None)
+        self.args = (detail,)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class DaskUnavailable(_ClusterFailure):
     """The cluster cannot run the call: the scheduler is unreachable, or it has had no worker for
     too long. Answered 502 like a crashed worker (the upstream failed), never left hanging."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(0, None)
-        self.args = (detail,)
-        self.detail = detail
 
-    def __str__(self) -> str:
-        return self.detail
-
-
-class DaskWorkerLost(WorkerCrashed):
+class DaskWorkerLost(_ClusterFailure):
     """Dask gave up on the task: the workers running it died `allowed-failures` times."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(0, None)
-        self.args = (detail,)
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
 
 
 def parse_address(url: str) -> tuple[str, str]:

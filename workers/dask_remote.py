@@ -163,6 +163,18 @@ class _Emitter:
 # -- running a task (in the Dask worker thread, or in a runner child) -------------------------------
 
 
+def _execute(kind: int, name: str, payload: Any, encode: bool) -> tuple[int, Any]:
+    """Run one task call or map chunk: (status, value), the task's exception as an ERROR outcome.
+    The one body of both ways a Dask worker runs a call (in its thread, or in a runner child)."""
+    try:
+        fn = _lookup(name)
+        if kind == KIND_MAP:
+            return OK_MAP, _run_chunk(fn, payload)
+        return encode_value(fn(**payload), encode)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
+        return ERROR, describe_exception(exc)
+
+
 def _run_here(
     kind: int, name: str, payload: Any, encode: bool, modules: tuple[str, ...], emit: _Emitter | None
 ) -> tuple[Any, ...]:
@@ -172,13 +184,7 @@ def _run_here(
         context.set_sink(emit.progress)
     try:
         registry.load(modules)
-        fn = _lookup(name)
-        if kind == KIND_MAP:
-            status, value = OK_MAP, _run_chunk(fn, payload)
-        else:
-            status, value = encode_value(fn(**payload), encode)
-    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
-        status, value = ERROR, describe_exception(exc)
+        status, value = _execute(kind, name, payload, encode)
     finally:
         if emit is not None:
             context.set_sink(None)
@@ -411,13 +417,7 @@ def _child_main(fd: int, modules: tuple[str, ...]) -> None:
         start = time.perf_counter()
         value: Any
         try:
-            fn = _lookup(name)
-            if kind == KIND_MAP:
-                status, value = OK_MAP, _run_chunk(fn, payload)
-            else:
-                status, value = encode_value(fn(**payload), encode)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
-            status, value = ERROR, describe_exception(exc)
+            status, value = _execute(kind, name, payload, encode)
         finally:
             context.set_sink(None)
         elapsed = time.perf_counter() - start

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import re
 import signal
 import socket
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import Reply, ServerProcess, http, post_json, wait_for
+from tests.conftest import Reply, ServerProcess, http, metric, post_json, wait_for
 
 TASKS = ("--tasks", "tests.workers.fault_tasks")
 SHM = Path("/dev/shm")
@@ -28,13 +27,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def metric(server: ServerProcess, name: str, labels: str = "") -> float:
-    text = http("GET", server.url + "/metrics").body.decode()
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def pending(server: ServerProcess) -> float:

@@ -14,7 +14,6 @@ import hashlib
 import http.client as httplib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, http, post_json, start_server, wait_for
+from tests.conftest import ServerProcess, http, metric, post_json, start_server, wait_for
 
 TASKS = ("--tasks", "tests.workers.shm_tasks")
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -33,13 +32,6 @@ MIB = 1024 * 1024
 
 def shm_of(server: ServerProcess) -> set[str]:
     return {p.name for p in SHM.glob(f"pb_{server.proc.pid}_*")}
-
-
-def metric(server: ServerProcess, name: str, labels: str = "") -> float:
-    text = http("GET", server.url + "/metrics").body.decode()
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def leased(server: ServerProcess) -> float:
