@@ -182,10 +182,14 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
         f"and `burn(ms=1)` {d['burn1_per_s']:.1f} times/s when called in a loop in one process, in this run. "
         "`cpu_efficiency` = throughput / (workers × that rate). `burn` spins for a wall-clock time, so this is the "
         "share of time the workers spend inside tasks (it does not see CPU the workers lose to other processes).")
+    rounds = plan.get("pair_rounds", 1)
     add(f"- **No-op and /healthz throughput:** closed loop, {load['noop_concurrency']} clients, {plan['short']:g} s "
-        f"measured. The no-op task is `primes` with {{\"limit\": 1}} (returns at once) as a JSON POST; "
+        f"measured per run. The no-op task is `primes` with {{\"limit\": 1}} (returns at once) as a JSON POST; "
         "`noop_http_ratio` divides procbridge's no-op req/s by the req/s of `GET /healthz` (a handler that does "
-        "nothing) on the same procbridge app and load.")
+        "nothing) on the same procbridge app and load. "
+        + (f"The two runs go in turn, {rounds} pairs; the figures are those of the pair with the median ratio "
+           "(the machine's speed drifts between runs; a pair run back to back sees nearly the same machine)."
+           if rounds > 1 else ""))
     add(f"- **/healthz under saturation:** an open-loop load of {load['healthz_rate']:g} `GET /healthz`/s (latency "
         "from each request's due time, so no coordinated omission) beside the saturating burn(10 ms) load, each in "
         "its own load-generator process.")
@@ -370,13 +374,22 @@ def _goal_notes(r: dict[str, Any]) -> list[str]:
     if noop and health:
         hc, nc = health["client_cpu"], noop["client_cpu"]
         hs, ns = health.get("server_cpu") or {}, noop.get("server_cpu") or {}
-        note = (f"- `noop_http_ratio`: {_fmt(noop['throughput_rps'])} no-op calls/s against "
+        pairs = pb.get("noop_pairs") or []
+        rounds = (f"the {len(pairs)} pairs of runs gave " + ", ".join(_fmt(x["ratio"]) for x in pairs)
+                  + "; in the median pair, " if len(pairs) > 1 else "")
+        note = (f"- `noop_http_ratio`: {rounds}{_fmt(noop['throughput_rps'])} no-op calls/s against "
                 f"{_fmt(health['throughput_rps'])} `/healthz`/s; the service's event-loop process used "
                 f"{_fmt(ns.get('main_cores'))} cores in the first and {_fmt(hs.get('main_cores'))} in the second, "
                 f"the load generator {100 * nc['core_fraction']:.0f}% and {100 * hc['core_fraction']:.0f}% of a core.")
         if hc["saturated"]:
             note += (" The `/healthz` run was limited by the load generator, so its req/s is a lower bound and the "
                      "ratio an upper bound of what a faster client would show.")
+        noop_cpu, health_cpu = _cpu_per_request(noop), _cpu_per_request(health)
+        if noop_cpu and health_cpu:
+            (nl, nw, ng), (hl, _, hg) = noop_cpu, health_cpu
+            note += (f" CPU per request, no-op against `/healthz`: the service's main process {nl:.0f} against "
+                     f"{hl:.0f} µs, its workers {nw:.0f} µs, the load generator {ng:.0f} against {hg:.0f} µs. All "
+                     "of them share the machine's cores, so the ratio follows the CPU a request costs in all.")
         notes.append(note)
     d = r["dispatch"]
     if d.get("procbridge_run_in_executor_us") and d.get("procbridge_native_us"):
@@ -398,6 +411,16 @@ def _goal_notes(r: dict[str, Any]) -> list[str]:
                 "result, receiving the next call, and waiting for a CPU (workers run at nice 10 beside the event "
                 "loop and the load generator)" + (", ten times more weighty with 1 ms tasks." if ms == 1 else "."))
     return notes
+
+
+def _cpu_per_request(run: dict[str, Any]) -> tuple[float, float, float] | None:
+    """Microseconds of CPU per request of a load run: the service's main process (its event loop
+    and log thread), its children (the workers) and the load generator."""
+    server, rps = run.get("server_cpu"), run.get("throughput_rps")
+    if not server or not rps:
+        return None
+    cores = run["client_cpu"]["core_fraction"]
+    return (1e6 * server["main_cores"] / rps, 1e6 * server["children_cores"] / rps, 1e6 * cores / rps)
 
 
 def _share(areas: list[list[Any]], *prefixes: str) -> float:

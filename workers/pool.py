@@ -10,7 +10,8 @@ queues without bound. This pool instead:
   worker, and workers coalesce their results;
 - keeps a small in-flight window per worker (3 calls; up to 16 for tasks that take microseconds),
   refilled straight from the read callback, and pipelines only calls that are known to be short,
-  so a long task never holds a short one back;
+  so a long task never holds a short one back; a call of a few microseconds joins a frame that
+  is leaving anyway rather than wake an idle worker (the wake-up would cost more than the call);
 - watches each worker's death through its process sentinel: the call that was running fails
   (WorkerCrashed) at once, the calls that had not started move to another worker, a replacement
   starts, and a task that keeps crashing workers meets an exponential back-off instead of a spin;
@@ -85,6 +86,7 @@ log = logging.getLogger("procbridge.pool")
 
 _TICK = 0.05  # supervision period: timeouts are enforced within this of their deadline
 _SHORT = 0.002  # calls whose task averages under this may be pipelined behind another
+_TINY = 0.00005  # calls whose task averages under this join a frame already leaving, idle workers or not
 _CRASH_WINDOW = 10.0
 _MEMORY_CEILING = 2  # a running task is killed once its worker's RSS passes this × max_worker_memory
 _FUNCTIONS_KEPT = 256  # plain functions whose pickle submit() keeps
@@ -451,6 +453,17 @@ class WorkerPool(LoopBoundExecutor):
         else:
             call.est = 1.0  # unknown: not short, so it is never pipelined and never has one behind it
         if not self._queue:
+            if call.est < _TINY and self._dirty:
+                # A frame leaves for these workers in this loop iteration anyway: a call of a few
+                # microseconds rides along rather than wake an idle worker, whose wake-up (a context
+                # switch each side) costs more CPU than the call (docs/benchmarks.md: "no-op calls").
+                for w in self._dirty:
+                    if w.ready and not w.dying and w.fits(call, self.options.window):
+                        if claim(call):
+                            self._assign(w, call)
+                        else:
+                            drop(call)
+                        return
             while self._idle:
                 w = self._idle.pop()
                 w.idle = False

@@ -102,6 +102,36 @@ def test_goals_are_judged_plainly():
     assert goals["shm_speedup_10mib"]["met"] is None
 
 
+def test_noop_and_healthz_runs_go_in_pairs_and_the_median_pair_is_reported(tmp_path):
+    """The runs alternate (no-op, /healthz, no-op, ...); the report gets the runs and the plots of the
+    pair whose ratio is the median, and every pair's figures."""
+    from dataclasses import replace
+
+    from bench.run import PLANS, Bench
+
+    bench = Bench(replace(PLANS["quick"], pair_rounds=3), 2, tmp_path, quiet=True)
+    bench.plot_requests = {"procbridge-noop": str(tmp_path / "img" / "procbridge-noop")}
+    (tmp_path / "img").mkdir()
+    rates = iter([900.0, 1000.0, 500.0, 1000.0, 700.0, 1000.0])  # pairs' ratios: 0.9, 0.5, 0.7
+    order: list[str] = []
+
+    def run_loads(server: object, loads: dict[str, list[str]]) -> dict[str, dict[str, object]]:
+        (label,) = loads
+        order.append(label)
+        if label in bench.plot_requests:  # what the load test draws
+            for kind in ("timeline", "percentiles"):
+                Path(f"{bench.plot_requests[label]}-{kind}.png").write_text(label)
+        return {label: {"label": label, "throughput_rps": next(rates)}}
+
+    bench.run_loads = run_loads  # type: ignore[method-assign]
+    out = bench.noop_pairs(None, "procbridge", [])  # type: ignore[arg-type]
+    assert order == ["procbridge-noop-1", "procbridge-healthz-1", "procbridge-noop-2", "procbridge-healthz-2",
+                     "procbridge-noop-3", "procbridge-healthz-3"]
+    assert [p["ratio"] for p in out["noop_pairs"]] == [0.9, 0.5, 0.7]
+    assert out["noop"]["label"] == "procbridge-noop-3" and out["healthz"]["label"] == "procbridge-healthz-3"
+    assert (tmp_path / "img" / "procbridge-noop-timeline.png").read_text() == "procbridge-noop-3"
+
+
 def test_shm_section_is_cut_at_the_next_level_two_heading():
     from bench.report import existing_shm_section
 

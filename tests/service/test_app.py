@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import psutil
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -213,6 +214,19 @@ async def test_unknown_routes_and_methods_are_problems(make_client):
     await expect_problem(resp, 405, None)
     assert "POST" in resp.headers.get("Allow", "")
     await expect_problem(await client.delete("/v1/tasks"), 405, None)
+
+
+async def test_each_task_has_a_plain_route_and_other_names_meet_the_pattern(make_client):
+    """A task's calls take aiohttp's plain-path lookup (no regex per call); the {name} pattern
+    remains for every other name, which it answers with 404 unknown-task."""
+    client = await make_client()
+    resources = {r.canonical: r for r in client.app.router.resources()}
+    for name in BUILTINS:
+        assert isinstance(resources[f"/v1/tasks/{name}"], web.PlainResource), name
+    assert isinstance(resources["/v1/tasks/{name}"], web.DynamicResource)
+    resp = await call(client, "primes", {"limit": 10})
+    assert resp.status == 200 and orjson.loads(await resp.read())["result"] == 4
+    await expect_problem(await call(client, "primes2", {}), 404, "unknown-task")
 
 
 async def test_body_over_max_body_is_413(make_client):

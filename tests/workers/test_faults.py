@@ -40,7 +40,7 @@ from tests.workers.pool_harness import (
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.pool import WorkerPool
 
-BYSTANDERS = 10  # with 2 workers and a window of 3: 2 behind the culprit, 3 on the other worker, 5 queued
+BYSTANDERS = 10  # short calls: some pipelined behind the culprit, the others in the other worker's window or queued
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,13 @@ async def test_fault_costs_only_its_own_call(fault: Fault, tmp_path: Path) -> No
         (other_pid,) = pids_before - {culprit_pid}
         # short calls: pipelined into both workers' windows (two of them behind the culprit), the
         # rest queued; then slower ones that keep the other worker busy while the fault happens
-        quick = [asyncio.ensure_future(pool.call("echo", {"value": i})) for i in range(BYSTANDERS)]
+        quick = []
+        for i in range(BYSTANDERS):  # one per loop turn, as separate requests come: tiny calls made in
+            quick.append(asyncio.ensure_future(pool.call("echo", {"value": i})))  # one turn share a frame
+            await asyncio.sleep(0)
         slow = [asyncio.ensure_future(pool.call("nap", {"ms": 40})) for _ in range(6)]
-        await wait_until(lambda: pool.inflight().get(culprit_pid, 0) > 1, 5.0, "calls queued behind the culprit")
+        await wait_until(lambda: pool.inflight().get(culprit_pid, 0) > 1 and pool.pending > 0, 5.0,
+                         "calls queued behind the culprit and in the pool's queue")
         assert pool.inflight()[other_pid] > 0 and pool.pending > 0, "the other worker is busy, calls wait"
 
         if fault.external_kill:

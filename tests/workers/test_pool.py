@@ -33,7 +33,7 @@ from tests.workers.pool_harness import (
 from workers.calls import Call
 from workers.errors import PoolClosed, TaskFailed, WorkerCrashed
 from workers.handle import DEEP_WINDOW, WorkerHandle
-from workers.pool import PoolOptions, WorkerPool
+from workers.pool import _TINY, PoolOptions, WorkerPool
 from workers.stats import BUSY, IDLE, WorkerTable
 from workers.worker import KIND_TASK
 
@@ -424,3 +424,22 @@ async def test_tiny_calls_share_a_deeper_window_and_longer_ones_keep_the_plain_o
         # a task the pool has not timed yet is never pipelined
         assert len(await burst("spin", {"ms": 0})) == 40
         assert seen[-1] == 1
+
+
+@on_uvloop
+async def test_tiny_calls_of_one_loop_turn_ride_one_frame_instead_of_waking_an_idle_worker() -> None:
+    """Both workers idle, four calls known to take microseconds made in one loop turn: they all go
+    in the frame leaving for the first worker (waking the second would cost more than the calls);
+    calls not known to be tiny made in one turn still get an idle worker each."""
+    async with open_pool(workers=2) as (pool, _):
+
+        async def taught() -> bool:  # the pool's moving average of echo's run time is under _TINY
+            await pool.call("echo", {"value": 0})
+            return pool._averages.get("echo", 1.0) < _TINY
+
+        await wait_until(taught, 10.0, "echo to be timed as tiny")
+        tiny = await asyncio.gather(*(pool.call("echo", {"value": i}) for i in range(4)))
+        assert [o.value["value"] for o in tiny] == [0, 1, 2, 3]
+        assert len({o.pid for o in tiny}) == 1
+        naps = await asyncio.gather(*(pool.call("nap", {"ms": 20}) for _ in range(2)))
+        assert len({o.pid for o in naps}) == 2
