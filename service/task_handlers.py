@@ -34,7 +34,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v1/tasks", list_tasks)
     # One plain route per task: aiohttp finds a plain path with one dict lookup, where the {name}
     # pattern costs a failed match against /v1/tasks, a regex match and a match-info dict on every
-    # call (~3.5 µs of the loop's ~110 µs per no-op call, measured with wrk, docs/benchmarks.md).
+    # call (~3.5 µs of loop CPU per call, measured with wrk: docs/architecture.md, "Performance notes").
     # The pattern stays, for names no task has (404) and names that are not plain ASCII.
     for entry in service.catalog:
         if entry.name.isascii():

@@ -456,7 +456,7 @@ class WorkerPool(LoopBoundExecutor):
             if call.est < _TINY and self._dirty:
                 # A frame leaves for these workers in this loop iteration anyway: a call of a few
                 # microseconds rides along rather than wake an idle worker, whose wake-up (a context
-                # switch each side) costs more CPU than the call (docs/benchmarks.md: "no-op calls").
+                # switch each side) costs more CPU than the call (docs/architecture.md, "Performance notes").
                 for w in self._dirty:
                     if w.ready and not w.dying and w.fits(call, self.options.window):
                         if claim(call):
