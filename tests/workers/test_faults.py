@@ -112,8 +112,8 @@ async def test_fault_costs_only_its_own_call(fault: Fault, tmp_path: Path) -> No
         ))
         culprit_pid = int(await wait_for_file(marker))
         (other_pid,) = pids_before - {culprit_pid}
-        # short calls: pipelined into both workers' windows (two of them behind the culprit), the
-        # rest queued; then slower ones that keep the other worker busy while the fault happens
+        # short calls: pipelined into both workers' windows (some behind the culprit), perhaps some
+        # queued; then slower ones that keep the other worker busy while the fault happens
         quick = []
         for i in range(BYSTANDERS):  # one per loop turn, as separate requests come: tiny calls made in
             quick.append(asyncio.ensure_future(pool.call("echo", {"value": i})))  # one turn share a frame
