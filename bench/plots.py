@@ -124,6 +124,28 @@ def bars(groups: Mapping[str, Mapping[str, float | None]], path: str | Path, tit
     return _save(fig, path)
 
 
+def scaling(points: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> str:
+    """CPU efficiency against the worker count (log 2 axis), one line per task size; 1.0 is ideal."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    workers = [int(p["workers"]) for p in points]
+    for ms in (10, 1):
+        ys = [p.get(f"burn{ms}_efficiency") for p in points]
+        ax.plot(workers, [y if y is not None else np.nan for y in ys], marker="o", label=f"burn {ms} ms")
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(workers))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    ax.set_ylim(0.0, 1.1)
+    ax.set_xlabel("workers")
+    ax.set_ylabel("throughput / (workers × direct rate)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def loadtest_plots(recorder: Any, result: Mapping[str, Any], prefix: str, title: str) -> dict[str, str]:
     """The load test's two plots: PREFIX-timeline.png and PREFIX-percentiles.png."""
     out = {

@@ -54,6 +54,10 @@ def plots(results: dict[str, Any], img_dir: Path) -> dict[str, str]:
             f = img_dir / f"{label}-{kind}.png"
             if f.exists():
                 out[f"{label}-{kind}"] = str(f)
+    scale = results.get("scaling") or {}
+    if scale.get("status") == "measured":
+        out["scaling"] = p.scaling(scale["points"], img_dir / "scaling.png",
+                                   f"procbridge CPU efficiency by worker count ({scale['cpus_usable']} CPUs)")
     return out
 
 
@@ -215,6 +219,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
     if "throughput" in plots:
         add(f"![throughput]({_link(plots['throughput'], md_dir)})")
         add("")
+
+    lines.extend(_scaling_section(r, plots, md_dir))
 
     # -- latency --
     add("## Latency")
@@ -411,6 +417,38 @@ def _goal_notes(r: dict[str, Any]) -> list[str]:
                 "result, receiving the next call, and waiting for a CPU (workers run at nice 10 beside the event "
                 "loop and the load generator)" + (", ten times more weighty with 1 ms tasks." if ms == 1 else "."))
     return notes
+
+
+def _scaling_section(r: dict[str, Any], plots: dict[str, str], md_dir: Path) -> list[str]:
+    """procbridge's CPU efficiency at several worker counts (`--scaling`), or how to measure it."""
+    scale = r.get("scaling") or {}
+    out = ["## CPU scaling (procbridge)", ""]
+    if scale.get("status") != "measured":
+        out += ["Not measured in this run (" + str(scale.get("reason", "run with --scaling")) + "): "
+                "`./scripts/bench --scaling` measures procbridge's CPU efficiency at 1, 2, 4, 8 and 16 workers, as "
+                "many as the machine has CPUs for; run it on a machine with many cores.", ""]
+        return out
+    out += [f"procbridge alone, {scale['cpus_usable']} usable CPUs, one pool of N workers, a saturating closed-loop "
+            "load of 3 clients per worker (split among load-generator processes of at most "
+            "12 clients each, run at once and summed). Efficiency: throughput / (N × the direct rate of the same "
+            "function in one process, measured at the start of this run). Cores: the service's process tree, and "
+            "what every other process used besides the load generators.", ""]
+    out += ["| workers | burn 10 ms req/s | efficiency | burn 1 ms req/s | efficiency | load generators (1 ms) "
+            "| service cores (10 ms / 1 ms) | anything else |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for pt in scale["points"]:
+        gens = f"{pt.get('burn1_generators')} ({_fmt(pt.get('burn1_client_cores'))} cores" + (
+            ", one saturated)" if pt.get("burn1_client_saturated") or pt.get("burn10_client_saturated") else ")")
+        out.append(f"| {pt['workers']} | {_fmt(pt.get('burn10_rps'))} | {_fmt(pt.get('burn10_efficiency'))} "
+                   f"| {_fmt(pt.get('burn1_rps'))} | {_fmt(pt.get('burn1_efficiency'))} | {gens} "
+                   f"| {_fmt(pt.get('burn10_server_cores'))} / {_fmt(pt.get('burn1_server_cores'))} "
+                   f"| {_fmt(max(pt.get('burn10_other_cores') or 0.0, pt.get('burn1_other_cores') or 0.0))} |")
+    if scale.get("skipped_workers"):
+        out += ["", "Not measured (more workers than usable CPUs): "
+                + ", ".join(str(n) for n in scale["skipped_workers"]) + "."]
+    out.append("")
+    if "scaling" in plots:
+        out += [f"![CPU scaling]({_link(plots['scaling'], md_dir)})", ""]
+    return out
 
 
 def _cpu_per_request(run: dict[str, Any]) -> tuple[float, float, float] | None:

@@ -1,6 +1,6 @@
 """`./scripts/bench`: procbridge against three baselines, on this machine, in one go.
 
-    ./scripts/bench [--quick | --smoke] [--json FILE] [--markdown FILE] [--img-dir DIR]
+    ./scripts/bench [--quick | --smoke] [--json FILE] [--markdown FILE] [--img-dir DIR] [--scaling [COUNTS]]
 
 Every contender is started here as a subprocess on a free loopback port and stopped at the end:
 1. naive (aiohttp, the function inline on the loop), 2. stdlib (aiohttp + a stock
@@ -10,8 +10,9 @@ workers.builtin_tasks). The load comes from `python -m bench.loadtest` in its ow
 
 Phases: the direct rate of each function in one process; the executor dispatch cost with no HTTP
 (scripts/pool_overhead.py); per contender: saturating closed-loop `burn` at 10 ms and 1 ms, a no-op
-task (`primes` with limit 1) and `GET /healthz` at the same concurrency, and `/healthz` in open loop
-while a saturating `burn` load runs; a py-spy profile of procbridge under the no-op load; and
+task (`primes` with limit 1) and `GET /healthz` at the same concurrency, in turn, in pairs, and
+`/healthz` in open loop while a saturating `burn` load runs; a py-spy profile of procbridge under
+the no-op load; with --scaling, procbridge's CPU efficiency at several worker counts; and
 scripts/shm_bench.py when it exists. It writes the figures as JSON and a Markdown report with PNG
 plots; a figure that misses its goal is marked MISSED there.
 
@@ -360,6 +361,59 @@ class Bench:
             for r, n, h, _ in pairs
         ]}
 
+    def scaling(self, counts: Sequence[int], direct: dict[str, float]) -> dict[str, Any]:
+        """procbridge alone at each worker count: saturating burn(10 ms) and burn(1 ms) loads (3
+        clients per worker) and the CPU efficiency, as for the main figures. A load generator
+        process drives at most SCALING_CLIENTS clients (one Python process tops out near 10,000
+        requests/s): bigger loads are split among several, run at once and summed."""
+        cpus = len(os.sched_getaffinity(0))
+        points: list[dict[str, Any]] = []
+        skipped = [n for n in counts if n > cpus]
+        for n in (n for n in counts if n <= cpus):
+            server = make_server("procbridge", n, self.workdir)
+            log(f"scaling: {n} workers")
+            server.start()
+            point: dict[str, Any] = {"workers": n}
+            try:
+                for ms in (10, 1):
+                    point.update(self._scaling_load(server, n, ms, direct[f"burn{ms}_per_s"]))
+            finally:
+                server.stop()
+            points.append(point)
+        out: dict[str, Any] = {"status": "measured" if points else "not measured", "cpus_usable": cpus,
+                               "points": points, "skipped_workers": skipped}
+        if not points:
+            out["reason"] = f"every worker count asked for is above the {cpus} usable CPUs"
+        return out
+
+    def _scaling_load(self, server: Server, workers: int, ms: int, direct_rate: float) -> dict[str, Any]:
+        clients = 3 * workers
+        generators = -(-clients // SCALING_CLIENTS)
+        shares = [clients // generators + (1 if i < clients % generators else 0) for i in range(generators)]
+        p = self.plan
+        loads: dict[str, Sequence[str]] = {
+            f"scaling-{workers}w-burn{ms}-{i + 1}": ["--task", "burn", "--args", json.dumps({"ms": ms}),
+                                                    "--concurrency", str(c), "--duration", f"{p.duration:g}",
+                                                    "--warmup", f"{p.warmup:g}"]
+            for i, c in enumerate(shares)
+        }
+        runs = list(self._run_loads_once(server, loads).values())
+        rps = sum(float(r.get("throughput_rps") or 0.0) for r in runs)
+        client = [float(r["client_cpu"]["core_fraction"]) for r in runs]
+        # each generator sees its siblings as "other processes": take them out again
+        others = min(max(0.0, float(r.get("other_processes_cores") or 0.0) - (sum(client) - c))
+                     for r, c in zip(runs, client, strict=True))
+        server_cpu = runs[0].get("server_cpu") or {}
+        return {
+            f"burn{ms}_rps": round(rps, 1),
+            f"burn{ms}_efficiency": _ratio(rps, workers * direct_rate),
+            f"burn{ms}_generators": generators,
+            f"burn{ms}_client_cores": round(sum(client), 3),
+            f"burn{ms}_client_saturated": any(r["client_cpu"]["saturated"] for r in runs),
+            f"burn{ms}_server_cores": server_cpu.get("total_cores"),
+            f"burn{ms}_other_cores": round(others, 3),
+        }
+
     def profile(self, server: Server) -> dict[str, Any]:
         """py-spy samples of procbridge (loop process and workers) under the no-op load."""
         from bench import profile as prof
@@ -604,6 +658,8 @@ def _trim(run: dict[str, Any]) -> dict[str, Any]:
 # -- how undisturbed the machine was ---------------------------------------------------------------
 
 IDLE_CORES = 0.25  # busy cores below which the machine counts as idle
+SCALING_CLIENTS = 12  # clients per load generator process in the scaling runs
+SCALING_DEFAULT = "1,2,4,8,16"
 PAIRED_EXTRA = 0.15  # what the other load generator of a paired run may add to that
 
 
@@ -718,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait up to this long for the machine to be idle before starting [0]")
     p.add_argument("--quiet", action="store_true", help="no live progress from the load tests")
     p.add_argument("--keep-tmp", action="store_true", help="keep the raw load-test results and server logs")
+    p.add_argument("--scaling", nargs="?", const=SCALING_DEFAULT, metavar="COUNTS",
+                   help="also measure procbridge's CPU efficiency at these worker counts (those up to the usable "
+                        f"CPUs) [{SCALING_DEFAULT}]")
     return p
 
 
@@ -741,6 +800,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if ns.workers < 1:
         print("scripts/bench: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        scaling = sorted({int(n) for n in ns.scaling.split(",") if n.strip()}) if ns.scaling else []
+    except ValueError:
+        scaling = [0]
+    if scaling and scaling[0] < 1:
+        print(f"scripts/bench: --scaling takes worker counts >= 1, like {SCALING_DEFAULT}", file=sys.stderr)
         return 2
     try:
         import gunicorn  # noqa: F401
@@ -788,6 +854,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["contenders"] = {}
         for name in contenders:
             results["contenders"][name] = bench.contender(name)
+        if scaling:
+            results["scaling"] = bench.scaling(scaling, results["direct"])
+        else:
+            results["scaling"] = {"status": "not measured", "reason": "run with --scaling"}
         if ns.smoke and ns.shm_script == default_shm:  # seconds, not the real payload benchmark
             results["shm"] = {"status": "not measured", "reason": "smoke run"}
         else:

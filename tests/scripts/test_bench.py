@@ -50,7 +50,8 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     token = uuid.uuid4().hex
     done = subprocess.run(
         [str(ROOT / "scripts" / "bench"), "--smoke", "--quiet", "--json", str(tmp_path / "out" / "b.json"),
-         "--markdown", str(md), "--img-dir", str(tmp_path / "out" / "img"), "--shm-script", str(shm_script)],
+         "--markdown", str(md), "--img-dir", str(tmp_path / "out" / "img"), "--shm-script", str(shm_script),
+         "--scaling", "1,2,512"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, MARK: token},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,13 +70,19 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
         assert goal["met"] in (True, False) if goal["value"] is not None else goal["met"] is None, name
     assert results["machine"]["cpus_usable"] >= 1 and results["versions"]["python"]
     assert results["mode"] == "smoke" and results["profile"]["status"] == "not measured"
+    scaling = results["scaling"]
+    assert scaling["status"] == "measured" and 512 in scaling["skipped_workers"]
+    assert [pt["workers"] for pt in scaling["points"]] in ([1], [1, 2])  # 2 only where 2 CPUs are usable
+    for pt in scaling["points"]:
+        assert pt["burn10_rps"] > 0 and pt["burn1_rps"] > 0 and pt["burn1_efficiency"] > 0
 
     text = md.read_text()
     assert "old text" not in text and "## Old section" not in text
     assert SHM_TEXT.rstrip() in text  # the other benchmark's section, verbatim
     assert "## Goals" in text and "CPUs" in text and results["versions"]["aiohttp"] in text
     assert "./scripts/bench --smoke" in text
-    for png in ("throughput.png", "burn10-latency.png", "healthz-saturated-latency.png"):
+    assert "## CPU scaling (procbridge)" in text and "Not measured (more workers than usable CPUs): 512." in text
+    for png in ("throughput.png", "burn10-latency.png", "healthz-saturated-latency.png", "scaling.png"):
         assert (tmp_path / "out" / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](img/{png})" in text
 
