@@ -459,19 +459,13 @@ class WorkerPool(LoopBoundExecutor):
                 # switch each side) costs more CPU than the call (docs/architecture.md, "Performance notes").
                 for w in self._dirty:
                     if w.ready and not w.dying and w.fits(call, self.options.window):
-                        if claim(call):
-                            self._assign(w, call)
-                        else:
-                            drop(call)
+                        self._give(w, call)
                         return
             while self._idle:
                 w = self._idle.pop()
                 w.idle = False
                 if w.ready and not w.dying and not w.inflight:
-                    if claim(call):
-                        self._assign(w, call)
-                    else:
-                        drop(call)
+                    if not self._give(w, call):
                         self._park(w)
                     return
             if call.short:
@@ -484,14 +478,20 @@ class WorkerPool(LoopBoundExecutor):
                     ):
                         best = candidate
                 if best is not None:
-                    if claim(call):
-                        self._assign(best, call)
-                    else:
-                        drop(call)
+                    self._give(best, call)
                     return
         if len(self._queue) >= self.max_pending:
             raise Overloaded(len(self._queue))
         self._queue.append(call)
+
+    def _give(self, w: WorkerHandle, call: Call) -> bool:
+        """Hand `call` to `w`, unless its caller has gone away meanwhile: then release what it holds
+        (False)."""
+        if claim(call):
+            self._assign(w, call)
+            return True
+        drop(call)
+        return False
 
     def _assign(self, w: WorkerHandle, call: Call) -> None:
         call.worker = w
@@ -520,11 +520,7 @@ class WorkerPool(LoopBoundExecutor):
         while queue:
             if inflight and not w.fits(queue[0], self.options.window):
                 break
-            call = queue.popleft()
-            if claim(call):
-                self._assign(w, call)
-            else:  # its caller went away while it waited
-                drop(call)
+            self._give(w, queue.popleft())
         self._park(w)
         self._check_quiet()
 
