@@ -49,10 +49,7 @@ def describe_bytes(data: bytes) -> dict[str, Any]:
 def hold(data: memoryview, marker: str, limit_s: float = 30.0) -> int:
     """Hold the view: write the pid to `marker`, then wait (bounded) to be killed or timed out."""
     first = data[0] if len(data) else 0
-    Path(marker).write_text(str(os.getpid()))
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
+    _announce_and_wait(marker, limit_s)
     return first
 
 
@@ -72,18 +69,21 @@ def make_bytes(size: int, fill: int = 7) -> bytes:
 def make_then_hang(size: int, marker: str, limit_s: float = 30.0) -> bytes:
     """Build a large result, say so, then hang (a timeout kills it while it holds no segment yet)."""
     out = bytes(size)
-    Path(marker).write_text(str(os.getpid()))
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
+    _announce_and_wait(marker, limit_s)
     return out
 
 
 @task
 def gated_bytes(size: int, marker: str, gate: str, limit_s: float = 30.0) -> bytes:
     """Write the pid to `marker`, wait (bounded) for the file `gate`, then return `size` bytes."""
+    _announce_and_wait(marker, limit_s, gate)
+    return bytes([9]) * size
+
+
+def _announce_and_wait(marker: str, limit_s: float, gate: str = "") -> None:
+    """Write this worker's pid to `marker`, then wait until the file `gate` exists (without one:
+    until the test kills or times out the worker), at most `limit_s` seconds."""
     Path(marker).write_text(str(os.getpid()))
     deadline = time.monotonic() + limit_s
-    while not os.path.exists(gate) and time.monotonic() < deadline:
+    while not (gate and os.path.exists(gate)) and time.monotonic() < deadline:
         time.sleep(0.002)
-    return bytes([9]) * size
