@@ -10,11 +10,12 @@ workers.builtin_tasks). The load comes from `python -m bench.loadtest` in its ow
 
 Phases: the direct rate of each function in one process; the executor dispatch cost with no HTTP
 (scripts/pool_overhead.py); per contender: saturating closed-loop `burn` at 10 ms and 1 ms, a no-op
-task (`primes` with limit 1) and `GET /healthz` at the same concurrency, in turn, in pairs, and
-`/healthz` in open loop while a saturating `burn` load runs; a py-spy profile of procbridge under
-the no-op load; with --scaling, procbridge's CPU efficiency at several worker counts; and
-scripts/shm_bench.py when it exists. It writes the figures as JSON and a Markdown report with PNG
-plots; a figure that misses its goal is marked MISSED there.
+task (`primes` with limit 1) and `GET /healthz` at the same concurrency (16 clients per worker, and
+for procbridge 4 per worker too), in turn, in pairs, and `/healthz` in open loop while a saturating
+`burn` load runs; a py-spy profile of procbridge under the no-op load; with --scaling, procbridge's
+CPU efficiency at several worker counts; and scripts/shm_bench.py when it exists. It writes the
+figures as JSON and a Markdown report with PNG plots; a figure that misses its goal is marked MISSED
+there.
 
 `--quick` takes a few minutes on 2 cores; the default (full) runs longer for steadier figures;
 `--smoke` is seconds long and only proves the machinery works (its figures mean nothing).
@@ -51,6 +52,14 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("naive", "stdlib", "gunicorn", "procbridge")
 NOOP_ARGS = {"limit": 1}  # primes(limit=1): returns at once; the same function for every contender
+# The no-op and /healthz throughput runs use 16 clients per worker: enough calls in flight to keep the
+# event loop busy while calls travel to a worker and back (with 4 per worker procbridge's loop waits
+# on those round trips and a tenth of 2 cores stays idle: that load measures latency, not capacity),
+# and fewer than procbridge admits at once with its defaults (16 per worker in the workers' windows
+# for tiny tasks, 4 per worker queued), so none is shed with a 503. Below the service's limit of
+# connections per client address (256) on any machine.
+NOOP_CLIENTS_PER_WORKER = 16
+NOOP_CLIENTS_MAX = 192
 SHM_SECTION = "## Shared-memory payloads"
 
 
@@ -232,7 +241,8 @@ class Bench:
         self.workdir = workdir
         self.quiet = quiet
         self.sat_concurrency = 3 * workers
-        self.noop_concurrency = 4 * workers
+        self.noop_concurrency = min(NOOP_CLIENTS_PER_WORKER * workers, NOOP_CLIENTS_MAX)
+        self.few_concurrency = 4 * workers  # the no-op pairs again, for procbridge, at a latency-bound load
         # the burn load of a paired run starts with the /healthz one (each in its own process, whose
         # start-up takes a few hundred ms): it runs this much longer, and /healthz warms up half of it
         self.pair_margin = 0.4 if plan.name == "smoke" else 1.0
@@ -312,6 +322,9 @@ class Bench:
                     label: ["--task", "burn", "--args", json.dumps({"ms": ms}), *sat],
                 })[label]
             out.update(self.noop_pairs(server, name, short))
+            if name == "procbridge":  # the same pairs at a load that waits on round trips, for the record
+                few = ["--concurrency", str(self.few_concurrency), "--duration", f"{p.short:g}", *common]
+                out["few_clients"] = self.noop_pairs(server, f"{name}-few", few)
             # /healthz in open loop while burn(10 ms) saturates the CPU work; the burn load starts
             # first and ends last, so every /healthz request sees it.
             both = self.run_loads(server, {
@@ -616,6 +629,8 @@ def figures(results: dict[str, Any]) -> dict[str, float | None]:
         "dispatch_ratio_vs_stdlib": _ratio(disp.get("procbridge_run_in_executor_us"), stock),
         "dispatch_ratio_native": _ratio(disp.get("procbridge_native_us"), stock),
         "noop_http_ratio": _ratio(_thr(pb, "noop"), _thr(pb, "healthz")),
+        "noop_http_ratio_few_clients": _ratio(_thr(pb.get("few_clients", {}), "noop"),
+                                              _thr(pb.get("few_clients", {}), "healthz")),
         "healthz_p99_ms_saturated": _p99(pb, "healthz_saturated"),
         "naive_healthz_p99_ms": _p99(na, "healthz_saturated"),
         "gunicorn_cpu_ratio": _ratio(_thr(pb, "burn10"), _thr(gu, "burn10")),
@@ -686,13 +701,22 @@ def idle_check(wait: float) -> float:
     return round(busy, 3)
 
 
-def disturbance(results: dict[str, Any], busy_before: float) -> dict[str, Any]:
-    """How much CPU processes other than the client and the server took during each load test."""
-    runs = []
+def _load_runs(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(contender, run, load test result) for every load test reported, those of `few_clients` too."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
     for name, c in results["contenders"].items():
         for run, r in c.items():
-            if isinstance(r, dict) and r.get("other_processes_cores") is not None:
-                runs.append((f"{name} {run}", float(r["other_processes_cores"])))
+            if run == "few_clients" and isinstance(r, dict):
+                out.extend((name, f"few-clients {sub}", rr) for sub, rr in r.items() if isinstance(rr, dict))
+            elif isinstance(r, dict):
+                out.append((name, run, r))
+    return out
+
+
+def disturbance(results: dict[str, Any], busy_before: float) -> dict[str, Any]:
+    """How much CPU processes other than the client and the server took during each load test."""
+    runs = [(f"{name} {run}", float(r["other_processes_cores"])) for name, run, r in _load_runs(results)
+            if r.get("other_processes_cores") is not None]
     for name in ("dispatch", "shm"):
         v = results.get(name, {}).get("other_processes_cores")
         if v is not None:
@@ -700,9 +724,8 @@ def disturbance(results: dict[str, Any], busy_before: float) -> dict[str, Any]:
     paired = {"healthz_saturated", "saturating_load"}  # there, the other load generator counts as "other"
     disturbed = [(label, round(v, 2)) for label, v in runs
                  if v > (IDLE_CORES + PAIRED_EXTRA if label.split()[-1] in paired else IDLE_CORES)]
-    repeated = sorted({f"{name} {run}": r["discarded_disturbed_attempts"]
-                       for name, c in results["contenders"].items() for run, r in c.items()
-                       if isinstance(r, dict) and r.get("discarded_disturbed_attempts")}.items())
+    repeated = sorted({f"{name} {run}": r["discarded_disturbed_attempts"] for name, run, r in _load_runs(results)
+                       if r.get("discarded_disturbed_attempts")}.items())
     return {
         "repeated_runs": [[label, cores] for label, cores in repeated],
         "busy_before_start_cores": busy_before,
@@ -839,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers": ns.workers,
         "plan": asdict(plan),
         "load": {"saturation_concurrency": bench.sat_concurrency, "noop_concurrency": bench.noop_concurrency,
+                 "noop_few_concurrency": bench.few_concurrency,
                  "healthz_rate": plan.healthz_rate, "noop_task": f"primes {json.dumps(NOOP_ARGS)}"},
     }
     busy_before = idle_check(ns.wait_idle)
@@ -871,9 +895,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = results["contenders"].get("procbridge", {}).pop("profile", None)
         results["profile"] = profile or {"status": "not measured", "reason": "skipped"}
         for c in results["contenders"].values():
-            for k, v in list(c.items()):
-                if isinstance(v, dict) and "latency_ms" in v:
-                    c[k] = _trim(v)
+            for runs in (c, c.get("few_clients") or {}):
+                for k, v in list(runs.items()):
+                    if isinstance(v, dict) and "latency_ms" in v:
+                        runs[k] = _trim(v)
         old = md_path.read_text() if md_path.exists() else ""
         md_path.parent.mkdir(parents=True, exist_ok=True)
         md_path.write_text(report.markdown(results, plots, md_path.parent, json_path, old))

@@ -64,6 +64,10 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
         for run in ("burn10", "burn1", "noop", "healthz", "healthz_saturated"):
             assert runs[run]["requests"]["measured"] > 0, (name, run)
             assert "timeline" not in runs[run]
+    few = results["contenders"]["procbridge"]["few_clients"]  # the pairs again at 4 clients per worker
+    assert few["noop"]["concurrency"] == 4 * results["workers"] and "timeline" not in few["noop"]
+    assert results["load"]["noop_concurrency"] == min(16 * results["workers"], 192)
+    assert isinstance(results["noop_http_ratio_few_clients"], float)
     assert results["shm_speedup_10mib"] == 7.5 and results["shm"]["shm_ms"] == 1.0
     assert results["goals"]["shm_speedup_10mib"]["met"] is True
     for name, goal in results["goals"].items():
