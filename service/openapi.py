@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from service.validation import TaskCatalog
+from service.validation import TaskCatalog, TaskEntry
 
 VERSION = "0.1.0"
 
@@ -44,6 +44,25 @@ _TIMEOUT_PARAM = {
     "description": "seconds the task may run before its worker is killed (default --task-timeout)",
     "schema": {"type": "number", "exclusiveMinimum": 0},
 }
+
+
+_QUERY_ARG_DOC = ("only with an application/octet-stream body, whose bytes go to {bytes_param}; with a JSON "
+                  "body this argument goes in the body, and giving it in the query string is refused (422)")
+
+
+def _binary_query_params(entry: TaskEntry, schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """A binary call takes the task's other arguments from the query string (validate_binary, with
+    `entry.query_model`): each one as a query parameter with its schema from the task's JSON Schema,
+    so a client generator knows where `?rounds=3` goes. `timeout` stays the call's own."""
+    properties = schema.get("properties", {})
+    required = set(schema.get("required", ()))
+    description = _QUERY_ARG_DOC.format(bytes_param=entry.spec.bytes_param)
+    return [
+        {"name": arg, "in": "query", "required": arg in required, "description": description,
+         "schema": properties.get(arg, {})}
+        for arg in entry.query_model.model_fields
+        if arg != _TIMEOUT_PARAM["name"]
+    ]
 
 
 def _task_operation(
@@ -117,6 +136,8 @@ def build_openapi(catalog: TaskCatalog, *, keys_required: bool = True) -> bytes:
         schema = _hoist_defs(entry.name, entry.schema, schemas)
         op = _task_operation(entry.name, entry.spec.doc, schema, entry.spec.bytes_param is not None,
                              entry.spec.returns_bytes)
+        if entry.spec.bytes_param is not None:
+            op["parameters"] = [_TIMEOUT_PARAM, *_binary_query_params(entry, schema)]
         paths[f"/v1/tasks/{entry.name}"] = {"post": op}
         paths[f"/v1/tasks/{entry.name}/map"] = {"post": _map_operation(entry.name, schema)}
     paths["/v1/tasks/{name}/map"] = {"post": {

@@ -80,3 +80,42 @@ def test_every_slug_named_in_the_document_has_a_title(doc):
 def test_building_twice_gives_the_same_document():
     catalog = TaskCatalog(registry.load(()))
     assert build_openapi(catalog) == build_openapi(catalog)
+
+
+def test_a_binary_call_documents_its_query_arguments(doc):
+    """sha256(data: bytes, rounds=1): with an octet-stream body `rounds` comes from the query string."""
+    op = doc["paths"]["/v1/tasks/sha256"]["post"]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert set(params) == {"timeout", "rounds"}  # not `data`: that is the body
+    rounds = params["rounds"]
+    assert rounds["in"] == "query" and rounds["required"] is False
+    body_schema = op["requestBody"]["content"]["application/json"]["schema"]
+    assert rounds["schema"] == body_schema["properties"]["rounds"]
+    bounds = {k: rounds["schema"][k] for k in ("type", "minimum", "maximum")}
+    assert bounds == {"type": "integer", "minimum": 1, "maximum": 10**6}
+    assert "application/octet-stream" in rounds["description"] and "422" in rounds["description"]
+
+
+def test_a_json_only_task_documents_no_query_arguments(doc):
+    params = doc["paths"]["/v1/tasks/primes"]["post"]["parameters"]
+    assert [(p["name"], p["in"]) for p in params] == [("timeout", "query")]
+
+
+def frame(data: bytes, width: int, timeout: float = 1.0) -> int:
+    return width
+
+
+def test_a_query_argument_is_required_when_it_has_no_default():
+    spec = registry.TaskSpec("pbtest_frame", frame, __name__)
+    doc = orjson.loads(build_openapi(TaskCatalog({spec.name: spec})))
+    params = doc["paths"]["/v1/tasks/pbtest_frame"]["post"]["parameters"]
+    # `timeout` is the call's own even where the task has an argument of that name (docs/api.md)
+    assert [(p["name"], p["in"], p["required"]) for p in params] == [
+        ("timeout", "query", False), ("width", "query", True)]
+    assert params[1]["schema"]["type"] == "integer"
+
+
+def test_no_operation_lists_a_parameter_twice(doc):
+    for path, method, op in operations(doc):
+        pairs = [(p["name"], p["in"]) for p in op.get("parameters", [])]
+        assert len(pairs) == len(set(pairs)), (path, method, pairs)
