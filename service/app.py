@@ -162,7 +162,7 @@ def create_app(config: Config) -> web.Application:
         service.executor = executor
         service.jobs = JobRunner(
             store, executor, catalog, JobEvents(),
-            concurrency=config.job_concurrency, ttl=config.job_ttl,
+            concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
             shared_store=config.store.startswith(("redis://", "rediss://", "unix://")), debug=config.debug,
         )
         await service.jobs.start()

@@ -51,6 +51,7 @@ class Config:
     worker_nice: int = 10
     job_concurrency: int = 1
     job_ttl: float = 86400.0
+    job_lease: float = 30.0
     max_map_items: int = 100_000
     shm_threshold: int = 256 * 1024
     shm_budget: int | None = None  # None: 3/4 of what /dev/shm has free at start-up; 0: off
@@ -87,6 +88,8 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
     ("--job-concurrency", "PROCBRIDGE_JOB_CONCURRENCY", "job_concurrency",
      "async jobs run at once, so synchronous calls keep their share [half the workers, at least 1]"),
     ("--job-ttl", "PROCBRIDGE_JOB_TTL", "job_ttl", "keep finished jobs this long, e.g. 3600, 90m, 24h [24h]"),
+    ("--job-lease", "PROCBRIDGE_JOB_LEASE", "job_lease",
+     "a running job's lease: with Redis, how long the job of a dead replica waits to run again [30s]"),
     ("--max-map-items", "PROCBRIDGE_MAX_MAP_ITEMS", "max_map_items", "items in one map request, beyond: 413 [100000]"),
     ("--shm-threshold", "PROCBRIDGE_SHM_THRESHOLD", "shm_threshold",
      "binary payloads larger than this go through shared memory, e.g. 1MiB [256KiB]"),
@@ -159,6 +162,7 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         worker_nice=get("worker_nice", _nice, 10),
         job_concurrency=get("job_concurrency", _positive_int, max(1, (workers + 1) // 2)),
         job_ttl=get("job_ttl", _duration, 86400.0),
+        job_lease=get("job_lease", _lease, 30.0),
         max_map_items=get("max_map_items", _positive_int, 100_000),
         shm_threshold=get("shm_threshold", _size, 256 * 1024),
         shm_budget=get("shm_budget", _size, None),
@@ -222,6 +226,15 @@ def _duration(s: str) -> float:
     if not m or float(m.group(1)) <= 0:
         raise ValueError("must be a duration > 0 in seconds, or with a unit: 90s, 30m, 24h, 7d")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _lease(s: str) -> float:
+    """A lease renewed every 0.5 s (service/job_runner.py): under 2 s, a loop stalled for a moment
+    would lose it and the job would run twice."""
+    x = _duration(s)
+    if x < 2:
+        raise ValueError("must be a duration of at least 2 s (e.g. 30s, 2m)")
+    return x
 
 
 def _port(s: str) -> int:

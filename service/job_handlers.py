@@ -53,7 +53,7 @@ async def submit_job(request: web.Request) -> web.Response:
                       errors=[{"field": "task", "message": "required string"}])
     entry = service.catalog.get(name)
     args = payload.get("args", {})
-    service.catalog.validate_json(entry, args)  # refuse now what would fail later
+    service.catalog.validate_json(entry, args, "args")  # refuse now what would fail later
     timeout = payload.get("timeout")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
@@ -92,7 +92,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if status is not None and status not in STATUSES:
         raise Problem(422, "invalid-arguments", f"status: must be one of {', '.join(STATUSES)}",
                       errors=[{"field": "status", "message": "unknown status"}])
-    raw_limit = request.query.get("limit", "100")
+    raw_limit = request.query.get("limit") or "100"  # `limit=` (empty) is the default, as `status=` is no filter
     try:
         limit = int(raw_limit)
     except ValueError:

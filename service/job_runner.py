@@ -1,11 +1,12 @@
 """The job runner: takes queued jobs from the store in arrival order and runs them on the executor.
 
 At most `--job-concurrency` jobs run at once, so synchronous calls keep their share of the pool.
-Each running job holds a lease in the store that this runner renews; a job whose runner died
-(crash, SIGKILL, lost replica) is queued again when its lease runs out, or at once at start-up on a
-single-replica SQLite store: execution is at-least-once. Progress goes to SSE listeners at once and
-to the store at most every RENEW_EVERY seconds (the latest value). A cancelled job's call is cancelled,
-which kills the worker running it.
+Each running job holds a lease in the store (`--job-lease`) that this runner renews; a job whose
+runner died (crash, SIGKILL, lost replica) is queued again: on a single-replica SQLite store at once
+at the next start, on a shared (Redis) store by whichever replica next looks after its lease ran out
+(each looks every few seconds, and at start-up): execution is at-least-once. Progress goes to SSE
+listeners at once and to the store at most every RENEW_EVERY seconds (the latest value). A
+cancelled job's call is cancelled, which kills the worker running it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from workers.errors import PoolClosed, PoolError
 
 log = logging.getLogger("procbridge.jobs")
 
-LEASE_SECONDS = 30.0
+LEASE_SECONDS = 30.0  # the default of --job-lease
 RENEW_EVERY = 0.5  # also how often a runner notices a cancel made on another replica
 POLL_EVERY = 1.0  # look for jobs queued by other replicas
+RECOVER_EVERY = 5.0  # shared store: look for running jobs whose lease ran out (at most a quarter lease)
 EXPIRE_EVERY = 60.0
 
 
@@ -46,6 +48,7 @@ class JobRunner:
         concurrency: int,
         ttl: float,
         shared_store: bool,
+        lease: float = LEASE_SECONDS,
         debug: bool = False,
     ) -> None:
         self.store = store
@@ -55,6 +58,7 @@ class JobRunner:
         self.concurrency = max(1, concurrency)
         self.ttl = ttl
         self.shared_store = shared_store
+        self.lease = lease
         self.debug = debug
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.running: dict[str, asyncio.Task[None]] = {}
@@ -72,6 +76,8 @@ class JobRunner:
             asyncio.ensure_future(self._renew_loop()),
             asyncio.ensure_future(self._expire_loop()),
         ]
+        if self.shared_store:
+            self._background.append(asyncio.ensure_future(self._recover_loop()))
 
     def notify(self) -> None:
         """A job was queued here: look for work now instead of at the next poll."""
@@ -109,7 +115,7 @@ class JobRunner:
         while not self._stopping:
             while len(self.running) < self.concurrency and not self._stopping:
                 try:
-                    job = await self.store.claim(self.owner, LEASE_SECONDS)
+                    job = await self.store.claim(self.owner, self.lease)
                 except Exception:
                     log.exception("could not claim a job; retrying")
                     break
@@ -133,7 +139,7 @@ class JobRunner:
             if not ids:
                 continue
             try:
-                await self.store.renew(self.owner, ids, LEASE_SECONDS)
+                await self.store.renew(self.owner, ids, self.lease)
                 if self.shared_store:  # a cancel made on another replica: stop the call here
                     for job_id in ids:
                         job = await self.store.get(job_id)
@@ -141,6 +147,20 @@ class JobRunner:
                             self.running[job_id].cancel()
             except Exception:
                 log.exception("could not renew job leases")
+
+    async def _recover_loop(self) -> None:
+        """Shared store: the jobs of a replica that died (or of this one before a restart, whose
+        leases had not run out at start-up) are queued again once their leases run out."""
+        while True:
+            await asyncio.sleep(min(RECOVER_EVERY, self.lease / 4))
+            try:
+                recovered = await self.store.recover()
+            except Exception:
+                log.exception("could not look for jobs whose lease ran out")
+                continue
+            if recovered:
+                log.warning("%d running jobs lost their runner (lease ran out); they are queued again", recovered)
+                self._wake.set()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -158,7 +178,7 @@ class JobRunner:
         self.events.publish(job.id, "status", {"status": RUNNING})
         try:
             entry = self.catalog.get(job.task)
-            kwargs = self.catalog.validate_json(entry, job.args)
+            kwargs = self.catalog.validate_json(entry, job.args, "args")
         except Problem as problem:
             await self._finish(job, FAILED, error=problem.body())
             return

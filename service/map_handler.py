@@ -61,7 +61,7 @@ async def map_task(request: web.Request) -> web.StreamResponse:
     work: list[tuple[int, dict[str, Any]]] = []
     for index, item in enumerate(items):
         try:
-            work.append((index, service.catalog.validate_json(entry, item)))
+            work.append((index, service.catalog.validate_json(entry, item, f"items.{index}")))
         except Problem as problem:
             await writer.put(index, _error_line(index, problem))
     await _run_chunks(service, entry, work, timeout, writer)

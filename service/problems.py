@@ -20,7 +20,7 @@ log = logging.getLogger("procbridge.http")
 PROBLEM_JSON = "application/problem+json"
 
 TITLES = {
-    "invalid-json": "Body is not a JSON object",
+    "invalid-json": "Body is not valid JSON, or not a JSON object",
     "unauthorized": "Missing or wrong API key",
     "not-found": "No such resource",
     "unknown-task": "No such task",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -59,9 +60,10 @@ async def serve(config: Config) -> None:
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=BACKLOG, reuse_address=True)
         await site.start()
-        bound = ", ".join(f"http://{s.getsockname()[0]}:{s.getsockname()[1]}" for s in _sockets(runner))
+        addresses = [s.getsockname() for s in _sockets(runner)]
+        bound = ", ".join(f"http://{a[0]}:{a[1]}" for a in addresses)
         log.info("procbridge listening on %s (%d workers)", bound, config.workers)
-        if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        if not config.api_keys and not all(_loopback(a[0]) for a in addresses):
             log.warning("listening on %s without API keys: anyone who can reach it can run tasks", config.host)
 
         await stop.wait()
@@ -82,6 +84,13 @@ async def serve(config: Config) -> None:
     finally:
         await runner.cleanup()  # stop listening, close connections, cleanup hooks (executor, metrics)
     log.info("procbridge stopped")
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _sockets(runner: web.AppRunner) -> list[socket.socket]:

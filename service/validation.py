@@ -91,10 +91,12 @@ class TaskCatalog:
             raise Problem(404, "unknown-task", f"no task named {name!r}; GET /v1/tasks lists them")
         return entry
 
-    def validate_json(self, entry: TaskEntry, args: Any) -> dict[str, Any]:
-        """Arguments from a JSON object -> keyword arguments for the task (422 if they do not fit)."""
+    def validate_json(self, entry: TaskEntry, args: Any, where: str = "(arguments)") -> dict[str, Any]:
+        """Arguments from a JSON object -> keyword arguments for the task (422 if they do not fit).
+        `where` names the field that holds them, for the 422 when they are not an object."""
         if not isinstance(args, dict):
-            raise Problem(422, "invalid-arguments", "arguments must be a JSON object", errors=[])
+            raise Problem(422, "invalid-arguments", f"{where}: must be a JSON object of the task's arguments",
+                          errors=[{"field": where, "message": "must be a JSON object"}])
         kwargs = _validate(entry.json_model, args)
         bp = entry.spec.bytes_param
         if bp is not None and isinstance(kwargs.get(bp), str):

@@ -23,6 +23,11 @@ from typing import Any
 from service.job_model import Job
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be opened (Redis unreachable or refusing us): the service does not start,
+    and says so in one line naming --store (service/server.py logs RuntimeErrors that way, exit 1)."""
+
+
 class JobStore(abc.ABC):
     @abc.abstractmethod
     async def open(self) -> None: ...

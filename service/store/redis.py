@@ -31,15 +31,27 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from service.job_model import CANCELLED, FINAL, QUEUED, STATUSES, Job
 from service.store import DEFAULT_REDIS_PREFIX, dumps_json, loads_json
-from service.store.base import JobStore
+from service.store.base import JobStore, StoreUnavailable
 
 log = logging.getLogger("procbridge.jobs")
+
+CONNECT_TIMEOUT = 10.0  # seconds to connect to Redis
+
+
+def public_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets, the port stays
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 _STR_FIELDS = frozenset({"id", "task", "status", "idempotency_key", "owner"})
 _FLOAT_FIELDS = frozenset({"timeout", "created_at", "started_at", "finished_at", "lease_until"})
@@ -248,21 +260,26 @@ class RedisJobStore(JobStore):
         self._scripts: dict[str, Any] = {}
 
     def __repr__(self) -> str:
-        return f"RedisJobStore({self.url!r}, prefix={self.prefix!r})"
+        return f"RedisJobStore({public_url(self.url)!r}, prefix={self.prefix!r})"
 
     async def open(self) -> None:
         if self._client is not None:
             return
-        client = aioredis.Redis.from_url(self.url, decode_responses=False)
+        # A host that drops packets would otherwise hold start-up for the OS's connect timeout (minutes);
+        # a connect timeout given in the URL wins (redis-py lets URL options override these).
+        client = aioredis.Redis.from_url(self.url, decode_responses=False, socket_connect_timeout=CONNECT_TIMEOUT)
         try:
             await client.ping()
             try:
                 config: dict[Any, Any] = await client.config_get("appendonly")
                 if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
                     log.warning("Redis at %s runs without appendonly: accepted jobs do not survive a Redis crash",
-                                self.url)
+                                public_url(self.url))
             except ResponseError:  # CONFIG may be disabled (managed Redis): nothing to check
                 pass
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreUnavailable(f"--store: cannot use Redis at {public_url(self.url)}: {exc}") from None
         except BaseException:
             await client.aclose()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client as httpclient
 import json
 import os
@@ -101,6 +102,15 @@ def test_binary_result_is_served_raw(server):
     assert result.body.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_args_that_are_not_an_object_are_named_in_the_422(server):
+    reply = post_json(server.url + "/v1/jobs", {"task": "primes", "args": [1]})
+    assert reply.status == 422, reply.body
+    problem = reply.json()
+    assert problem["detail"].startswith("args: ") and problem["errors"] == [
+        {"field": "args", "message": "must be a JSON object"}
+    ]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "slug"),
     [
@@ -147,6 +157,8 @@ def test_list_newest_first_with_filters(server):
     assert all(j["status"] == "succeeded" for j in succeeded)
     for query in ("status=done", "limit=0", "limit=x"):
         assert http("GET", f"{server.url}/v1/jobs?{query}").status == 422
+    empty = http("GET", f"{server.url}/v1/jobs?status=&limit=")  # the contract's own spelling: no filter, default limit
+    assert empty.status == 200 and set(ids) <= {j["id"] for j in empty.json()["jobs"]}
 
 
 def test_failed_and_timed_out_jobs(server):
@@ -362,6 +374,42 @@ def test_two_replicas_share_a_redis_store(tmp_path):
         wait_for(lambda: not _alive(pid), 5, what="the worker running the cancelled job to be stopped")
         events = list(sse_events(a.url, f"/v1/jobs/{running['id']}/events"))
         assert events[-1][0] == "error"
+    finally:
+        for srv in (a, b):
+            srv.stop()
+            srv.kill_all()
+        redis.stop()
+
+
+def test_a_killed_replicas_running_job_runs_again_on_the_other(tmp_path):
+    """Two replicas on Redis: SIGKILL the one running a job. Once the job's lease (--job-lease 2) has
+    run out, the surviving replica queues it again and runs it to the end, with no restart."""
+    need_redis_server()
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    env = {"PROCBRIDGE_STORE": redis.url("pblease:"), "PROCBRIDGE_JOB_LEASE": "2"}
+    a = start_server(tmp_path / "a", "--workers", "1", "--tasks", FAULTS, env=env)
+    b = start_server(tmp_path / "b", "--workers", "1", "--tasks", FAULTS, env=env)
+    try:
+        started, release = tmp_path / "started", tmp_path / "release"
+        running = submit(a.url, "mark_then_wait", {"path": str(started), "release": str(release),
+                                                   "limit_s": 20}).json()
+        wait_for(lambda: started.exists() and started.read_text(), 10, what="the job to start on some replica")
+        first_pid = int(started.read_text())
+        owner, survivor = (a, b) if first_pid in {p.pid for p in a.descendants()} else (b, a)
+        assert first_pid in {p.pid for p in owner.descendants()}
+        owner.proc.send_signal(signal.SIGKILL)
+        owner.proc.wait(10)
+        for pid in owner.leftovers():  # its orphaned worker too: the job must run again elsewhere
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not owner.leftovers(), 15, what="the killed replica's processes to go")
+        assert job(survivor.url, running["id"])["status"] == "running"  # the dead replica's lease still holds it
+        wait_for(lambda: started.read_text() != str(first_pid), 20, 0.05, "the survivor to run the job again")
+        release.touch()
+        final = wait_final(survivor.url, running["id"])
+        assert final["status"] == "succeeded" and final["result"]["released"] is True
+        assert final["result"]["pid"] in {p.pid for p in survivor.descendants()}
     finally:
         for srv in (a, b):
             srv.stop()

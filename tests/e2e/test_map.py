@@ -67,6 +67,7 @@ def test_a_bad_item_is_its_own_error_line(server):
     for index in (1, 2, 3, 4):
         assert lines[index]["error"]["type"] == "/problems/invalid-arguments", lines[index]
         assert lines[index]["error"]["status"] == 422
+    assert lines[4]["error"]["detail"].startswith("items.4: ")  # not an object: the 422 names which item
 
 
 def test_a_failing_or_crashing_item_costs_only_itself(server):

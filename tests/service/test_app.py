@@ -430,3 +430,10 @@ async def test_two_apps_one_after_the_other(make_client):
     # metrics are the second app's own: the first app's call is not counted here
     assert await metric(second, "procbridge_tasks_total", task="primes", outcome="ok") == 1
     assert (await second.get("/readyz")).status == 200
+
+
+def test_the_no_keys_warning_is_for_addresses_beyond_loopback():
+    from service.server import _loopback
+
+    assert all(_loopback(a) for a in ("127.0.0.1", "127.0.0.2", "127.255.0.9", "::1"))
+    assert not any(_loopback(a) for a in ("0.0.0.0", "::", "10.0.0.7", "192.168.1.2", "fe80::1%eth0", "not-an-ip"))

@@ -4,6 +4,7 @@ the bad setting, and the CPU count derived from affinity and a (fake) cgroup quo
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ SETTINGS = [
     ("--shm-budget", "PROCBRIDGE_SHM_BUDGET", "shm_budget", "512MiB", "0", 512 * MIB, 0),
     ("--access-log", "PROCBRIDGE_ACCESS_LOG", "access_log", "off", "/tmp/procbridge-access.log", "off",
      "/tmp/procbridge-access.log"),
+    ("--job-lease", "PROCBRIDGE_JOB_LEASE", "job_lease", "2", "1m", 2.0, 60.0),
 ]
 
 
@@ -77,6 +79,7 @@ def test_defaults():
     assert config.shutdown_grace == 25
     assert config.shm_threshold == 256 * 1024
     assert config.shm_budget is None  # decided at start-up from /dev/shm's free space
+    assert config.job_lease == 30
 
 
 def test_max_pending_defaults_to_four_per_worker():
@@ -189,6 +192,8 @@ def test_rate_limits():
         (["--host", "bad host"], {}, "--host"),
         ([], {"PROCBRIDGE_DEBUG": "maybe"}, "PROCBRIDGE_DEBUG"),
         (["--log-level", "loud"], {}, "--log-level"),
+        (["--job-lease", "1.5"], {}, "--job-lease"),
+        ([], {"PROCBRIDGE_JOB_LEASE": "soon"}, "PROCBRIDGE_JOB_LEASE"),
     ],
 )
 def test_bad_values_name_the_flag_or_variable(argv, env, named):
@@ -312,3 +317,21 @@ def test_serve_with_a_bad_flag_exits_with_a_message_and_no_traceback():
     assert "port number" in done.stderr  # says what a good value is
     assert "Traceback" not in done.stderr
     assert "Traceback" not in done.stdout
+
+
+def test_serve_with_an_unreachable_redis_store_exits_with_one_line_naming_the_flag():
+    """A real refused connection (a loopback port nobody listens on): exit 1, one line naming
+    --store, the URL's password never shown, no traceback, nothing left running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--port", "0", "--workers", "1",
+         "--store", f"redis://:hunter2@127.0.0.1:{port}/0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"--store: cannot use Redis at redis://:***@127.0.0.1:{port}/0" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
