@@ -235,3 +235,42 @@ def joined(thread: threading.Thread, box: dict[str, Any], timeout: float = 30.0)
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+# -- no shared-memory segment outlives the process that made it ---------------------------------------
+
+_SHM = Path("/dev/shm")
+_OURS = re.compile(r"pb_(\d+)_")  # workers/shm.py names every segment pb_<creating pid>_...
+_shm_at_start: set[str] = set()
+
+
+def _segments() -> set[str]:
+    try:
+        return {name for name in os.listdir(_SHM) if _OURS.match(name)}
+    except OSError:
+        return set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _shm_at_start.update(_segments())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a segment of a process that is gone was left in /dev/shm by any test: a
+    server killed with its resource tracker, a path that forgot to unlink. Segments of processes
+    still alive (another run, a server of yours) are none of this run's business. A killed server's
+    resource tracker unlinks its segments as it exits: it gets a few seconds to do so."""
+
+    def orphans() -> list[str]:
+        return sorted(name for name in _segments() - _shm_at_start
+                      if (m := _OURS.match(name)) and not psutil.pid_exists(int(m.group(1))))
+
+    deadline = time.monotonic() + 10
+    while (left := orphans()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"leaked shared-memory segments in /dev/shm: {', '.join(left)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
