@@ -12,24 +12,28 @@ Modes:
 - closed loop (`--concurrency N`): N clients, each sending its next request when the last returned.
   Latency runs from the send; this measures the throughput a fixed number of callers get.
 
-Every run is bounded: it stops sending at `--warmup + --duration` seconds or after `--requests`
-requests, whichever comes first, then waits at most `--timeout` seconds for what is in flight.
-Requests still unanswered then are counted as `unfinished` and recorded with their age (a lower
-bound of their latency).
+Every run is bounded: it stops sending at `--warmup + --duration` seconds of wall-clock time or
+after `--requests` requests, whichever comes first, then waits at most `--timeout` seconds for what
+is in flight. Requests still unanswered then are counted as `unfinished` and recorded with their age
+(a lower bound of their latency). An open loop that fell behind does not send the requests still
+due at the end late: they are counted as `unsent`, with a warning, since the offered load was then
+lower than the rate asked.
 
 Outcomes: `ok` (2xx/3xx), `overloaded` (503 with the problem slug `overloaded`: the server's
 admission control refused it, kept apart from errors) and `errors` (every other status, and client
-errors such as timeouts or refused connections). `latency_ms` is over the ok responses, and
-`latency_ms_all` over every response. Requests started during `--warmup` are not counted.
+errors, counted by a readable key: `timeout`, `connect-failed`, `server-disconnected`...).
+`latency_ms` is over the ok responses, and `latency_ms_all` over every response. Requests due during
+`--warmup` are not counted. The scenario format, the JSON fields and the exit codes are described in
+docs/loadtest.md.
 
 The generator is one process with one uvloop event loop and aiohttp's client (keep-alive, a
 connection pool). It reports its own CPU use and warns when it used most of a core, because then
-the figures measure the client as much as the server.
+the figures measure the client as much as the server. What it sends comes from bench/scenario.py;
+its command line is bench/loadtest_cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -42,16 +46,18 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import psutil
+from bench.scenario import RequestSpec, UsageError, load_scenario  # noqa: F401 - the module's API
 
+# The third-party modules are imported where they are used, so that `main` can name the missing ones
+# (scripts/loadtest.py run by a python3 outside the venv) instead of dying on an import.
+REQUIRED = ("aiohttp", "psutil", "uvloop", "hdrh.histogram", "numpy")
 DEV_HINT = (
-    "procbridge loadtest needs the bench tools from the dev lock: "
-    ".venv/bin/pip install -r requirements-dev.lock (./scripts/test and ./scripts/bench install it)"
+    "procbridge loadtest needs the bench tools from the dev lock: install them with "
+    ".venv/bin/pip install -r requirements-dev.lock (./scripts/test and ./scripts/bench install it) and run "
+    "it with the checkout's venv: .venv/bin/procbridge loadtest, or .venv/bin/python scripts/loadtest.py"
 )
 
 # Percentiles reported by name, and the points of the percentile curve (JSON and plots).
@@ -63,25 +69,11 @@ CURVE_POINTS = (
 SATURATED_CORE = 0.90  # the generator's CPU use (fraction of one core) at which it warns
 OTHERS_WARN = 0.25  # with --server-pid: warn when processes other than client and server used this many cores
 LAG_WARN_MS = 5.0  # open loop: warn when the p99 of (actual send - due time) passes this
+END_GRACE_S = 0.010  # open loop: a request due before the end is still sent this late (timer jitter)
+MIN_CPU_WINDOW_S = 0.5  # the shortest measured window over which the client's CPU share means anything
 
 OK, OVERLOADED, ERROR, UNFINISHED = 0, 1, 2, 3
 _HIGHEST_US = 3_600_000_000  # an hour, in microseconds: the histograms' range
-
-
-class UsageError(ValueError):
-    """A bad command line or scenario."""
-
-
-@dataclass
-class RequestSpec:
-    """One kind of request of a scenario."""
-
-    name: str
-    method: str
-    url: str
-    body: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    weight: float = 1.0
 
 
 @dataclass
@@ -103,85 +95,6 @@ class Options:
     @property
     def mode(self) -> str:
         return "open" if self.rate is not None else "closed"
-
-
-# -- scenarios ------------------------------------------------------------------------------------
-
-
-def _join(base: str, path: str) -> str:
-    if path.startswith(("http://", "https://")):
-        return path
-    return base.rstrip("/") + "/" + path.lstrip("/")
-
-
-def _spec_from_dict(base: str, item: dict[str, Any], index: int, root: Path) -> RequestSpec:
-    known = {"name", "task", "args", "method", "path", "json", "body", "body_file", "content_type", "headers",
-             "weight"}
-    unknown = set(item) - known
-    if unknown:
-        raise UsageError(f"scenario entry {index}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    headers = {str(k): str(v) for k, v in (item.get("headers") or {}).items()}
-    body: bytes | None = None
-    if "task" in item:
-        task = str(item["task"])
-        method = str(item.get("method", "POST")).upper()
-        path = f"/v1/tasks/{task}"
-        if "path" in item:
-            raise UsageError(f"scenario entry {index}: give either 'task' or 'path'")
-        default_name = task
-    else:
-        method = str(item.get("method", "GET")).upper()
-        path = str(item.get("path", ""))
-        default_name = f"{method} {path or '/'}"
-    sources = [k for k in ("args", "json", "body", "body_file") if k in item]
-    if len(sources) > 1:
-        raise UsageError(f"scenario entry {index}: give at most one of {sources}")
-    if sources:
-        src = sources[0]
-        if src in ("args", "json"):
-            body = json.dumps(item[src]).encode()
-            headers.setdefault("Content-Type", "application/json")
-        elif src == "body":
-            body = str(item["body"]).encode()
-        else:
-            file = Path(str(item["body_file"]))
-            body = (file if file.is_absolute() else root / file).read_bytes()
-            headers.setdefault("Content-Type", "application/octet-stream")
-    elif "task" in item:
-        body = b"{}"
-        headers.setdefault("Content-Type", "application/json")
-    if "content_type" in item:
-        headers["Content-Type"] = str(item["content_type"])
-    weight = float(item.get("weight", 1.0))
-    if not (weight > 0 and math.isfinite(weight)):
-        raise UsageError(f"scenario entry {index}: weight must be > 0")
-    return RequestSpec(str(item.get("name", default_name)), method, _join(base, path), body, headers, weight)
-
-
-def load_scenario(base: str, text_or_path: str) -> list[RequestSpec]:
-    """A scenario: a JSON list of entries (or {"requests": [...]}), inline or in a file.
-
-    An entry is {"task": NAME, "args": {...}} (POST /v1/tasks/NAME) or {"method", "path", and one of
-    "json", "body", "body_file"}, with optional "name", "headers", "content_type" and "weight".
-    """
-    stripped = text_or_path.lstrip()
-    root = Path.cwd()
-    if stripped.startswith(("[", "{")):
-        data = json.loads(stripped)
-    else:
-        file = Path(text_or_path)
-        data = json.loads(file.read_text())
-        root = file.resolve().parent
-    if isinstance(data, dict):
-        data = data.get("requests")
-    if not isinstance(data, list) or not data or not all(isinstance(x, dict) for x in data):
-        raise UsageError("a scenario is a non-empty JSON list of objects (or {\"requests\": [...]})")
-    specs = [_spec_from_dict(base, item, i, root) for i, item in enumerate(data)]
-    names = [s.name for s in specs]
-    for i, spec in enumerate(specs):  # make names unique: they key the per-request results
-        if names.count(spec.name) > 1:
-            spec.name = f"{spec.name}#{i}"
-    return specs
 
 
 # -- recording ------------------------------------------------------------------------------------
@@ -228,9 +141,11 @@ class _PerSpec:
 class Recorder:
     """Everything measured in one run. Times are time.perf_counter() seconds."""
 
-    def __init__(self, specs: Sequence[RequestSpec], t0: float, measure_from: float) -> None:
+    def __init__(self, specs: Sequence[RequestSpec], t0: float, measure_from: float, open_loop: bool = True) -> None:
         self.t0 = t0
         self.measure_from = measure_from
+        # Send lag exists only in open loop, where a request has a due time apart from its send.
+        self.open_loop = open_loop
         self.window_end = math.inf
         self.ok_hist = _histogram()
         self.all_hist = _histogram()
@@ -242,6 +157,7 @@ class Recorder:
         self.client_errors: Counter[str] = Counter()
         self.tally = [0, 0, 0, 0]
         self.sent = 0
+        self.unsent = 0  # open loop: requests that fell due but were never sent (the client fell behind)
         self.done = 0
         self.warmup_done = 0
         self.answered = 0  # measured requests that got an HTTP status
@@ -280,7 +196,7 @@ class Recorder:
             per.slugs[slug] += 1
         if error:
             self.client_errors[error] += 1
-        if sent > due:
+        if self.open_loop and sent > due:
             _record(self.lag_hist, sent - due)
         if status:
             _record(self.all_hist, latency)
@@ -310,6 +226,38 @@ def _classify(status: int, body: bytes, content_type: str) -> tuple[int, str | N
     return ERROR, slug
 
 
+def _error_key(exc: BaseException) -> str:
+    """A client-side failure's key in `client_errors`: a readable name for the common ones (the
+    docs list them), the exception's class name otherwise."""
+    import aiohttp
+
+    keys: tuple[tuple[type[BaseException], str], ...] = (
+        (TimeoutError, "timeout"),
+        (aiohttp.ClientConnectorError, "connect-failed"),  # refused, unreachable, DNS, TLS handshake
+        (aiohttp.ServerDisconnectedError, "server-disconnected"),
+        (ConnectionResetError, "connection-reset"),
+        (aiohttp.ClientPayloadError, "bad-response-body"),
+        (aiohttp.ClientResponseError, "bad-response"),
+        (aiohttp.InvalidURL, "invalid-url"),
+        (OSError, "connection-error"),
+    )
+    for cls, key in keys:
+        if isinstance(exc, cls):
+            return key
+    return type(exc).__name__
+
+
+def _slots_before(t0: float, interval: float, end: float) -> int:
+    """How many open-loop requests fall due before `end`: the i >= 0 with t0 + i * interval < end,
+    computed as the send loop computes due times, so that the count matches it exactly."""
+    n = max(0, math.ceil((end - t0) / interval))
+    while n > 0 and t0 + (n - 1) * interval >= end:
+        n -= 1
+    while t0 + n * interval < end:
+        n += 1
+    return n
+
+
 class LoadTest:
     def __init__(self, options: Options) -> None:
         self.o = options
@@ -325,11 +273,13 @@ class LoadTest:
         self.cpu_window: dict[str, float] = {}
         self.server_cpu: dict[str, dict[int, float]] = {}
         self.cut_off = False
+        self.offered_rps: float | None = None  # open loop: the rate actually offered in the measured window
         self._session: Any = None
         self._last_line = 0.0
         self._last_done = 0
         self._last_cpu = 0.0
         self._tty = sys.stderr.isatty()
+        self._show_progress = options.progress  # off once stderr's reader went away
 
     def _pick(self) -> int:
         if len(self.o.specs) == 1:
@@ -347,12 +297,8 @@ class LoadTest:
                 body = await resp.read()
                 status = resp.status
                 kind, slug = _classify(status, body, resp.headers.get("Content-Type", ""))
-        except TimeoutError:
-            error = "timeout"
-        except (aiohttp.ClientError, OSError) as exc:
-            error = type(exc).__name__
-        except Exception as exc:  # noqa: BLE001 - anything else fails this request only, counted by its type
-            error = type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - a failure fails this request only, counted by its kind
+            error = _error_key(exc)
         if self.cut_off:
             return
         rec.record(index, due, sent, time.perf_counter(), status, slug, error, kind)
@@ -369,22 +315,40 @@ class LoadTest:
         self.inflight.pop(task, None)
 
     async def _open_loop(self, t0: float, stop_at: float, limit: int) -> None:
-        assert self.o.rate is not None
+        """Send request i at t0 + i / rate. A client that fell behind sends what fell due as fast as it
+        can, but never after stop_at (and a few milliseconds of timer jitter): what is still due then
+        is counted as unsent, so the run keeps its bound and the offered load is reported as it was."""
+        assert self.o.rate is not None and self.recorder is not None
         interval = 1.0 / self.o.rate
         i = 0
+        self.stopped_by = "requests"
         while i < limit:
             due = t0 + i * interval
             if due >= stop_at:
                 self.stopped_by = "duration"
-                return
+                break
             now = time.perf_counter()
+            if now >= stop_at + END_GRACE_S:
+                self.stopped_by = "duration"
+                self.recorder.unsent = min(limit, _slots_before(t0, interval, stop_at)) - i
+                break
             if due > now:
                 await asyncio.sleep(due - now)
             self._spawn(due)
             i += 1
             if i % 64 == 0:
                 await asyncio.sleep(0)  # a generator far behind still lets responses in
-        self.stopped_by = "requests"
+        self.offered_rps = self._offered(t0, interval, i)
+
+    def _offered(self, t0: float, interval: float, sent: int) -> float | None:
+        """The rate offered over the measured window: the asked rate times the share of the requests
+        due in it that were sent (they are evenly spaced), or None when none fell due in it."""
+        assert self.o.rate is not None and self.recorder is not None
+        warmup_slots = _slots_before(t0, interval, self.recorder.measure_from)
+        slots = sent + self.recorder.unsent - warmup_slots
+        if slots <= 0:
+            return None
+        return self.o.rate * max(0, sent - warmup_slots) / slots
 
     async def _closed_loop(self, stop_at: float, limit: int) -> None:
         budget = [limit]
@@ -402,7 +366,7 @@ class LoadTest:
 
     def _progress(self, final: bool = False) -> None:
         rec = self.recorder
-        if rec is None or not self.o.progress:
+        if rec is None or not self._show_progress:
             return
         now = time.perf_counter()
         cpu = _cpu_seconds()
@@ -416,13 +380,11 @@ class LoadTest:
         line = (
             f"{phase}{now - rec.t0:6.1f}s sent {rec.sent} done {rec.done} ok {rec.tally[OK]} "
             f"overloaded {rec.tally[OVERLOADED]} errors {rec.tally[ERROR]} in-flight {len(self.inflight)} "
-            f"| {rps:,.0f} resp/s p99 {p99:.1f} ms | client cpu {100 * core:.0f}%"
+            f"| {rps:,.0f} done/s p99 {p99:.1f} ms (ok) | client cpu {100 * core:.0f}%"
         )
-        if self._tty:
-            sys.stderr.write("\r" + line + "\x1b[K" + ("\n" if final else ""))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+        text = "\r" + line + "\x1b[K" + ("\n" if final else "") if self._tty else line + "\n"
+        if not write_out(sys.stderr, text):
+            self._show_progress = False  # the run goes on without its progress line
 
     async def _ticker(self) -> None:
         while True:
@@ -430,6 +392,8 @@ class LoadTest:
             self._progress()
 
     async def run(self) -> dict[str, Any]:
+        import aiohttp
+
         o = self.o
         conns = o.connections or (o.concurrency if o.mode == "closed" else 256)
         connector = aiohttp.TCPConnector(limit=conns, limit_per_host=conns, force_close=False)
@@ -438,10 +402,10 @@ class LoadTest:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
             self._session = session
             t0 = time.perf_counter()
-            self.recorder = rec = Recorder(o.specs, t0, t0 + o.warmup)
+            self.recorder = rec = Recorder(o.specs, t0, t0 + o.warmup, open_loop=o.mode == "open")
             stop_at = t0 + o.warmup + o.duration
             self._last_line, self._last_cpu = t0, _cpu_seconds()
-            ticker = asyncio.ensure_future(self._ticker()) if o.progress else None
+            ticker = asyncio.ensure_future(self._ticker()) if self._show_progress else None
             cpu_mark = asyncio.get_running_loop().call_at(
                 asyncio.get_running_loop().time() + o.warmup, self._mark_cpu, "start"
             ) if o.warmup > 0 else None
@@ -509,22 +473,23 @@ class LoadTest:
         ok_in_window = sum(1 for t in rec.ok_ends if rec.measure_from <= t <= rec.window_end)
         cpu_s = self.cpu_window.get("end", 0.0) - self.cpu_window.get("start", 0.0)
         cpu_wall = max(self.cpu_window.get("end_t", 0.0) - self.cpu_window.get("start_t", 0.0), 1e-9)
-        core = cpu_s / cpu_wall
-        warnings: list[str] = []
-        if core >= SATURATED_CORE:
+        core, saturated = judge_client_cpu(cpu_s, cpu_wall)
+        lag = summarize(rec.lag_hist)
+        server = self._server_cpu(cpu_wall)
+        # Counters read at two instants can differ by rounding: never report a negative number of cores.
+        busy = max(0.0, self.cpu_window.get("end_machine", 0.0) - self.cpu_window.get("start_machine", 0.0)) / cpu_wall
+        others = max(0.0, busy - core - (server["total_cores"] if server else 0.0))
+        warnings = self._outcome_warnings(rec)
+        if saturated:
             warnings.append(
                 f"the load generator used {100 * core:.0f}% of a core: it may be the bottleneck, so the "
                 "throughput is a lower bound and the latencies include the client's own queueing"
             )
-        lag = summarize(rec.lag_hist)
         if o.mode == "open" and lag.get("count") and lag["p99"] > LAG_WARN_MS:
             warnings.append(
                 f"the generator fell behind its schedule (send lag p99 {lag['p99']:.1f} ms): latencies still "
                 "count from the due times, but the offered rate was not met evenly"
             )
-        server = self._server_cpu(cpu_wall)
-        busy = (self.cpu_window.get("end_machine", 0.0) - self.cpu_window.get("start_machine", 0.0)) / cpu_wall
-        others = busy - core - (server["total_cores"] if server else 0.0)
         if server is not None and others > OTHERS_WARN:
             warnings.append(
                 f"other processes on this machine used {others:.2f} cores during the run: the figures are disturbed"
@@ -544,8 +509,10 @@ class LoadTest:
             "max_requests": o.requests,
             "stopped_by": self.stopped_by,
             "elapsed_s": round(window, 4),
+            "offered_rps": None if self.offered_rps is None else round(self.offered_rps, 3),
             "requests": {
                 "sent": rec.sent,
+                "unsent": rec.unsent,
                 "measured": sum(rec.tally),
                 "warmup": rec.warmup_done,
                 "ok": rec.tally[OK],
@@ -565,16 +532,45 @@ class LoadTest:
             "client_cpu": {
                 "seconds": round(cpu_s, 4),
                 "core_fraction": round(core, 4),
-                "saturated": core >= SATURATED_CORE,
+                "window_s": round(cpu_wall, 4),
+                "saturated": saturated,
                 "cpus": len(os.sched_getaffinity(0)),
             },
             "server_cpu": server,
             "machine_busy_cores": round(busy, 3),
-            "other_processes_cores": round(max(0.0, others), 3) if server is not None else None,
+            "other_processes_cores": round(others, 3) if server is not None else None,
             "timeline": _timeline(rec),
             "warnings": warnings,
         }
         return result
+
+    def _outcome_warnings(self, rec: Recorder) -> list[str]:
+        """What makes the figures mean less than they seem: nothing measured, nothing succeeded, or
+        an open loop that could not offer the rate asked."""
+        o = self.o
+        out = []
+        measured = sum(rec.tally)
+        if not measured:
+            out.append(
+                f"nothing was measured: all {rec.sent} requests sent were due during the {o.warmup:g} s warm-up "
+                "(raise --requests or --duration, or shorten --warmup)" if rec.sent else
+                "nothing was measured: no request was sent"
+            )
+        elif not rec.tally[OK]:
+            statuses = dict(sorted(rec.statuses.items()))
+            errors = f", client errors {dict(rec.client_errors)}" if rec.client_errors else ""
+            out.append(
+                f"none of the {measured} measured requests succeeded (status counts {statuses}{errors}): "
+                "check the URL, and that the server is up and answering"
+            )
+        if rec.unsent:
+            offered = "" if self.offered_rps is None else f" ({self.offered_rps:,.0f} req/s in the measured window)"
+            out.append(
+                f"the load generator could not keep up with --rate {rate_text(o.rate or 0.0)}: {rec.unsent:,} requests "
+                "that fell due were never sent (sending stops at --warmup + --duration), so the offered load was "
+                f"lower than asked{offered}"
+            )
+        return out
 
     def _spec_stats(self, rec: Recorder) -> list[dict[str, Any]]:
         out = []
@@ -623,6 +619,13 @@ def _timeline(rec: Recorder) -> list[dict[str, float]]:
     return out
 
 
+def judge_client_cpu(cpu_s: float, wall: float) -> tuple[float, bool]:
+    """The generator's share of one core over the measured window, and whether it saturated. A short
+    window (a few requests) is mostly start-up work and clock granularity, so it is never judged."""
+    core = max(0.0, cpu_s) / max(wall, 1e-9)
+    return core, wall >= MIN_CPU_WINDOW_S and core >= SATURATED_CORE
+
+
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -630,12 +633,16 @@ def _cpu_seconds() -> float:
 
 def _machine_busy() -> float:
     """CPU seconds the whole machine has spent busy (all CPUs together) since boot."""
+    import psutil
+
     t = psutil.cpu_times()
     return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 def _tree_cpu(pids: Sequence[int]) -> dict[int, float]:
     """CPU seconds of these processes and all their descendants, by pid."""
+    import psutil
+
     out: dict[int, float] = {}
     for pid in pids:
         try:
@@ -650,110 +657,32 @@ def _tree_cpu(pids: Sequence[int]) -> dict[int, float]:
     return out
 
 
-# -- command line ---------------------------------------------------------------------------------
+# -- output ---------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="procbridge loadtest",
-        description="Drive a procbridge URL (or any HTTP endpoint) in open or closed loop; HDR latencies, "
-        "status and problem-slug counts, JSON results and PNG plots.",
-        epilog="Open loop (--rate) measures latency from each request's due time (no coordinated omission); "
-        "closed loop (--concurrency, the default) keeps N requests in flight. Every run stops by itself.",
-    )
-    p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8080 (or the full URL of any endpoint)")
-    what = p.add_argument_group("what to send (one of --task, --path/--body-file, --scenario; default GET URL)")
-    what.add_argument("--task", help="POST /v1/tasks/TASK with the JSON of --args")
-    what.add_argument("--args", default=None, help='the task\'s arguments as a JSON object, e.g. \'{"ms": 10}\'')
-    what.add_argument("--path", help="path under URL (or a full URL)")
-    what.add_argument("--method", help="HTTP method [GET, POST with a body]")
-    what.add_argument("--body-file", type=Path, help="send this file as the body")
-    what.add_argument("--content-type", help="Content-Type of --body-file [application/octet-stream]")
-    what.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="extra header")
-    what.add_argument("--scenario", help="a weighted mix: a JSON file, or inline JSON (see the module docs)")
-    how = p.add_argument_group("how (open loop with --rate, else closed loop)")
-    how.add_argument("--rate", type=float, help="open loop: requests per second, sent on schedule")
-    how.add_argument("--concurrency", type=int, help="closed loop: clients, each with one request in flight [8]")
-    how.add_argument("--duration", type=float, default=10.0, help="seconds of measurement after the warm-up [10]")
-    how.add_argument("--requests", type=int, help="stop after this many requests (warm-up included)")
-    how.add_argument("--warmup", type=float, default=0.0, help="seconds sent but not counted [0]")
-    how.add_argument("--timeout", type=float, default=30.0,
-                     help="seconds per request, and for in-flight requests at the end [30]")
-    how.add_argument("--connections", type=int, help="connection pool size [closed: concurrency; open: 256]")
-    how.add_argument("--seed", type=int, default=1, help="seed of the scenario's weighted choice [1]")
-    out = p.add_argument_group("output")
-    out.add_argument("--server-pid", type=int, action="append", default=[], metavar="PID",
-                     help="a local server process: report its CPU use and its children's (repeatable)")
-    out.add_argument("--json", dest="json_out", help="write the results as JSON to this file ('-': stdout)")
-    out.add_argument("--plots", help="write PREFIX-timeline.png and PREFIX-percentiles.png (matplotlib)")
-    out.add_argument("--title", help="title of the plots")
-    out.add_argument("--quiet", action="store_true", help="no progress line")
-    out.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress lines [1]")
-    return p
+def rate_text(value: float) -> str:
+    """A request rate as people write it: 12,000 or 0.5."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:g}"
 
 
-def options_from_args(ns: argparse.Namespace) -> Options:
-    url = ns.url
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"URL must start with http:// or https://, got {url!r}")
-    headers: dict[str, str] = {}
-    for h in ns.header:
-        name, sep, value = h.partition(":")
-        if not sep or not name.strip():
-            raise UsageError(f"--header takes 'Name: value', got {h!r}")
-        headers[name.strip()] = value.strip()
-    if ns.scenario is not None:
-        if ns.task or ns.path or ns.body_file or ns.args:
-            raise UsageError("--scenario replaces --task, --args, --path and --body-file")
-        specs = load_scenario(url, ns.scenario)
-        for s in specs:
-            s.headers = {**headers, **s.headers}
-    else:
-        item: dict[str, Any] = {"headers": headers}
-        if ns.task:
-            if ns.path:
-                raise UsageError("give --task or --path, not both")
-            item["task"] = ns.task
-            if ns.args is not None:
-                try:
-                    item["args"] = json.loads(ns.args)
-                except ValueError as exc:
-                    raise UsageError(f"--args is not JSON: {exc}") from None
-                if not isinstance(item["args"], dict):
-                    raise UsageError("--args must be a JSON object")
-            if ns.body_file:
-                item.pop("args", None)
-                item["body_file"] = str(ns.body_file)
-        else:
-            if ns.args is not None:
-                raise UsageError("--args goes with --task")
-            item["path"] = ns.path or ""
-            if ns.body_file:
-                item["body_file"] = str(ns.body_file)
-        if ns.method:
-            item["method"] = ns.method
-        elif ns.body_file:
-            item["method"] = "POST"
-        if ns.content_type:
-            item["content_type"] = ns.content_type
-        specs = [_spec_from_dict(url, item, 0, Path.cwd())]
-    if ns.rate is not None and ns.concurrency is not None:
-        raise UsageError("--rate (open loop) and --concurrency (closed loop) exclude each other")
-    if ns.rate is not None and not (ns.rate > 0 and math.isfinite(ns.rate)):
-        raise UsageError("--rate must be > 0")
-    if ns.concurrency is not None and ns.concurrency < 1:
-        raise UsageError("--concurrency must be >= 1")
-    if not (ns.duration > 0 and math.isfinite(ns.duration)):
-        raise UsageError("--duration must be > 0: every run is bounded")
-    if ns.requests is not None and ns.requests < 1:
-        raise UsageError("--requests must be >= 1")
-    if ns.warmup < 0 or ns.timeout <= 0 or ns.progress_interval <= 0:
-        raise UsageError("--warmup must be >= 0, --timeout and --progress-interval > 0")
-    return Options(
-        url=url, specs=specs, rate=ns.rate, concurrency=ns.concurrency or 8, duration=ns.duration,
-        requests=ns.requests, warmup=ns.warmup, timeout=ns.timeout, connections=ns.connections, seed=ns.seed,
-        progress=not ns.quiet, progress_interval=ns.progress_interval, server_pids=tuple(ns.server_pid),
-    )
+def silence(stream: Any) -> None:
+    """Point a stream whose reader went away (`| head -1`) at /dev/null, so that neither a later
+    write nor Python's flush at exit raises BrokenPipeError again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def write_out(stream: Any, text: str) -> bool:
+    """Write and flush; False (and the stream silenced) when its reader had gone."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        silence(stream)
+        return False
+    return True
 
 
 def run(options: Options) -> dict[str, Any]:
@@ -763,82 +692,11 @@ def run(options: Options) -> dict[str, Any]:
     return uvloop.run(LoadTest(options).run())
 
 
-def human_summary(r: dict[str, Any]) -> str:
-    lat = r["latency_ms"]
-    req = r["requests"]
-    lines = [
-        f"{r['mode']} loop against {r['url']}: {req['measured']} requests measured in {r['elapsed_s']:.2f} s "
-        f"(stopped by {r['stopped_by']})",
-        f"  ok {req['ok']}  overloaded {req['overloaded']}  errors {req['errors']}  unfinished {req['unfinished']}"
-        f"  -> {r['throughput_rps']:,.1f} ok/s",
-        f"  status {r['status_counts']}  slugs {r['slug_counts']}"
-        + (f"  client errors {r['client_errors']}" if r["client_errors"] else ""),
-    ]
-    if lat.get("count"):
-        lines.append(
-            f"  latency ms (ok): p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}"
-            f"  p99.9 {lat['p99.9']:.3f}  max {lat['max']:.3f}"
-        )
-    cpu = r["client_cpu"]
-    lines.append(f"  load generator: {100 * cpu['core_fraction']:.0f}% of one core ({cpu['cpus']} CPUs here); "
-                 f"machine busy {r['machine_busy_cores']:.2f} cores")
-    if r.get("server_cpu"):
-        sc = r["server_cpu"]
-        lines.append(f"  server: main process {sc['main_cores']:.2f} cores, children {sc['children_cores']:.2f} cores")
-    lines.extend(f"  WARNING: {w}" for w in r["warnings"])
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        import hdrh.histogram  # noqa: F401
-    except ImportError:
-        print(DEV_HINT, file=sys.stderr)
-        return 2
-    if ns.plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(DEV_HINT, file=sys.stderr)
-            return 2
-    try:
-        options = options_from_args(ns)
-    except (UsageError, OSError, ValueError) as exc:
-        parser.error(str(exc))
-    recorder_holder: list[LoadTest] = []
+    """The command line (bench/loadtest_cli.py), imported only when used."""
+    from bench.loadtest_cli import main as cli_main
 
-    async def go() -> dict[str, Any]:
-        lt = LoadTest(options)
-        recorder_holder.append(lt)
-        return await lt.run()
-
-    import uvloop
-
-    try:
-        result = uvloop.run(go())
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    if ns.plots:
-        from bench import plots
-
-        lt = recorder_holder[0]
-        assert lt.recorder is not None
-        title = ns.title or f"{result['mode']} loop, {', '.join(s.name for s in options.specs)}"
-        result["plots"] = plots.loadtest_plots(lt.recorder, result, ns.plots, title)
-    if ns.json_out == "-":
-        print(json.dumps(result, indent=2))
-    else:
-        print(human_summary(result))
-        if ns.json_out:
-            Path(ns.json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(ns.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    for w in result["warnings"]:
-        if ns.json_out == "-":
-            print(f"WARNING: {w}", file=sys.stderr)
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ LoadTest, Options, run`); this file only makes it runnable from a checkout witho
 
     .venv/bin/python scripts/loadtest.py http://127.0.0.1:8080 --task burn --args '{"ms": 10}' \\
         --rate 150 --duration 10 --json out.json --plots out/burn
+
+Run by a python3 without the dev lock (`./scripts/loadtest.py` takes the first one on the PATH), it
+names the missing modules and says how to run it with the venv, and exits 2: `bench.loadtest`
+imports only the standard library at the top, so the check in `main` runs before anything fails.
 """
 
 from __future__ import annotations

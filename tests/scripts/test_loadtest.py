@@ -21,15 +21,26 @@ PNG = b"\x89PNG\r\n\x1a\n"
 LATENCY_KEYS = {"count", "p50", "p90", "p99", "p99.9", "max", "min", "mean", "curve"}
 
 
+LOADTEST = [sys.executable, "-m", "service", "loadtest"]  # what the `procbridge loadtest` console script runs
+
+
+def run_loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LOADTEST, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def loadtest(url: str, *args: str, out: Path, timeout: float = 60) -> dict[str, Any]:
-    """Run `python -m service loadtest` (what the `procbridge loadtest` console script runs)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "loadtest", url, *args, "--json", str(out), "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-    )
+    """Run `python -m service loadtest` quietly; its JSON results."""
+    done = run_loadtest(url, *args, "--json", str(out), "--quiet", timeout=timeout)
     assert done.returncode == 0, done.stderr
     assert "ok/s" in done.stdout  # the human summary
     return json.loads(out.read_text())
+
+
+def refused_url() -> str:
+    """A loopback URL where nothing listens (the port was bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/x"
 
 
 def test_closed_loop_bounded_by_count(server_factory, tmp_path):
@@ -118,19 +129,164 @@ def test_a_silent_server_cannot_hold_it(tmp_path):
     assert opened["requests"]["errors"] + opened["requests"]["unfinished"] == 10
 
 
-def test_bad_command_lines_are_refused():
+def test_bad_command_lines_are_refused(tmp_path):
+    """Each is refused before the run (exit 2, one line, no traceback); the short --duration keeps a
+    run that wrongly starts bounded."""
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"x")
+    url = "http://127.0.0.1:1"
     cases = [
-        ["http://127.0.0.1:1", "--rate", "10", "--concurrency", "2"],
-        ["http://127.0.0.1:1", "--duration", "0"],
-        ["http://127.0.0.1:1", "--task", "burn", "--args", "[1]"],
-        ["127.0.0.1:1"],
-        ["http://127.0.0.1:1", "--scenario", "[]"],
+        ([url, "--rate", "10", "--concurrency", "2"], "exclude each other"),
+        ([url, "--duration", "0"], "--duration"),
+        ([url, "--task", "burn", "--args", "[1]"], "--args"),
+        (["127.0.0.1:1"], "http://"),
+        ([url, "--scenario", "[]"], "scenario"),
+        ([url, "--connections", "-1"], "--connections must be >= 1"),
+        ([url, "--connections", "0"], "--connections must be >= 1"),
+        ([url, "--warmup", "nan"], "finite"),
+        ([url, "--timeout", "inf"], "finite"),
+        ([url, "--rate", "nan"], "finite"),
+        ([url, "--progress-interval=-inf"], "finite"),
+        ([url, "--task", "sha256", "--args", '{"rounds": 2}', "--body-file", str(body)], "?rounds=2"),
+        ([url, "--server-pid", "99999999"], "no such process"),
+        ([url, "--scenario", '[{"headers": [1, 2]}]'], "'headers' must be a JSON object"),
+        ([url, "--scenario", '[{"headers": {"X-N": 1}}]'], "maps names to strings"),
+        ([url, "--scenario", '[{"task": "burn", "weight": "3"}]'], "'weight' must be a number"),
+        ([url, "--scenario", '[{"task": ["burn"]}]'], "'task' must be a string"),
+        ([url, "--scenario", '[{"path": "/x", "body_file": "no-such.bin"}]'], "cannot read the body file"),
+        ([url, "--scenario", str(tmp_path / "no-such.json")], "neither inline JSON nor a readable file"),
     ]
-    for args in cases:
-        done = subprocess.run([sys.executable, "-m", "service", "loadtest", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30)
+    for args, says in cases:
+        done = run_loadtest("--duration", "0.2", "--quiet", *args, timeout=30)  # a later --duration wins
         assert done.returncode == 2, (args, done.stderr)
-        assert "error:" in done.stderr, args
+        assert "error:" in done.stderr and says in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr, args
+
+
+def test_open_loop_that_falls_behind_stops_sending_on_time(server_factory, tmp_path):
+    """At 10 million requests/s no client keeps up: it sends what it can until warm-up + duration, then
+    stops, and counts what fell due but was never sent (before, it sent all 3 million, however late)."""
+    server = server_factory("--workers", "1")
+    rate, duration = 10_000_000, 0.3
+    r = loadtest(server.url + "/healthz", "--rate", f"{rate}", "--duration", f"{duration}", "--timeout", "1",
+                 out=tmp_path / "r.json", timeout=20)
+    req = r["requests"]
+    assert r["stopped_by"] == "duration" and r["elapsed_s"] == duration
+    # every request due in the window, sent or not (give or take the one due at the very end: float time)
+    assert req["sent"] + req["unsent"] == pytest.approx(rate * duration, abs=1)
+    assert req["sent"] > 0 and req["unsent"] > 0
+    assert req["ok"] + req["errors"] + req["unfinished"] == req["sent"]
+    assert 0 < r["offered_rps"] < rate
+    assert r["offered_rps"] == pytest.approx(rate * req["sent"] / (req["sent"] + req["unsent"]))
+    assert any("could not keep up" in w and "offered load was lower" in w for w in r["warnings"])
+    assert r["send_lag_ms"]["count"] > 0  # what it did send, it sent late (latencies run from the due times)
+
+
+def test_an_open_loop_that_keeps_up_sends_everything(server_factory, tmp_path):
+    server = server_factory("--workers", "1")
+    # due at 0, 10, ..., 700 ms: 71 requests before the end at 705 ms (away from float rounding)
+    r = loadtest(server.url + "/healthz", "--rate", "100", "--duration", "0.5", "--warmup", "0.205",
+                 out=tmp_path / "r.json")
+    assert r["requests"]["sent"] == 71 and r["requests"]["unsent"] == 0
+    assert r["offered_rps"] == 100
+    assert not any("could not keep up" in w for w in r["warnings"])
+
+
+def test_a_url_naming_an_endpoint_is_requested_as_given(server_factory, tmp_path):
+    server = server_factory("--workers", "1")
+    given = server.url + "/healthz?probe=1"
+    r = loadtest(given, "--requests", "5", out=tmp_path / "r.json")
+    assert r["status_counts"] == {"200": 5}
+    assert r["per_request"]["GET /healthz?probe=1"]["url"] == given
+    bare = loadtest(server.url, "--requests", "2", out=tmp_path / "bare.json")  # a bare base URL: "/"
+    assert bare["per_request"]["GET /"]["url"] == server.url + "/"
+
+
+def test_scenario_entries_with_a_body_are_posted(server_factory, tmp_path):
+    """No 'method' and a body: POST, as --body-file (GET would be a 405). A relative body_file is
+    read from the scenario file's folder, not from the current one."""
+    server = server_factory("--workers", "1")
+    folder = tmp_path / "scenario"
+    folder.mkdir()
+    (folder / "data.bin").write_bytes(b"hello")
+    (folder / "mix.json").write_text(json.dumps({"requests": [
+        {"name": "primes", "path": "/v1/tasks/primes", "json": {"limit": 10}},
+        {"name": "hash", "path": "/v1/tasks/sha256?rounds=2", "body_file": "data.bin"},
+        {"name": "echo", "path": "/v1/tasks/sha256", "body": "text"},
+    ]}))
+    r = loadtest(server.url, "--scenario", str(folder / "mix.json"), "--concurrency", "2", "--requests", "30",
+                 out=tmp_path / "r.json")
+    assert r["status_counts"] == {"200": 30}
+    assert {name: per["method"] for name, per in r["per_request"].items()} == {
+        "primes": "POST", "hash": "POST", "echo": "POST"}
+
+
+def test_nothing_measured_and_nothing_succeeded_are_warned(server_factory, tmp_path):
+    server = server_factory("--workers", "1")
+    r = loadtest(server.url + "/healthz", "--rate", "200", "--warmup", "1", "--requests", "20",
+                 out=tmp_path / "warm.json")
+    assert r["requests"]["measured"] == 0 and r["requests"]["warmup"] == 20
+    assert any(w.startswith("nothing was measured") for w in r["warnings"])
+    done = run_loadtest(refused_url(), "--concurrency", "2", "--requests", "20", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr  # the run completed: its outcome is in the counts and warnings
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["client_errors"] == {"connect-failed": 20}  # a readable key, not aiohttp's class name
+    assert any(w.startswith("none of the 20 measured requests succeeded") for w in r["warnings"])
+    assert "WARNING: none of the 20" in done.stdout
+    # the progress line counts finished requests, whatever their outcome: it does not call them responses
+    assert "done/s" in done.stderr and "resp/s" not in done.stderr
+    # 20 requests take milliseconds: too short a window to judge the client's CPU
+    assert r["client_cpu"]["saturated"] is False and not any("of a core" in w for w in r["warnings"])
+    assert r["machine_busy_cores"] >= 0
+
+
+def test_client_cpu_is_judged_over_a_long_enough_window():
+    from bench.loadtest import judge_client_cpu
+
+    assert judge_client_cpu(0.0096, 0.01) == (pytest.approx(0.96), False)  # 20 requests in 10 ms
+    assert judge_client_cpu(0.96, 1.0) == (pytest.approx(0.96), True)
+    assert judge_client_cpu(0.3, 1.0) == (pytest.approx(0.3), False)
+    assert judge_client_cpu(-1e-6, 1.0)[0] == 0.0
+
+
+def test_json_is_always_valid_json():
+    from bench.loadtest_cli import json_safe
+
+    text = json.dumps(json_safe({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}),
+                      allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+def test_a_closed_stdout_or_stderr_ends_quietly(tmp_path):
+    """`procbridge loadtest ... | head -1`: the reader goes away; no BrokenPipeError traceback, the
+    --json file still written, and the exit status of a process killed by SIGPIPE (141)."""
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([*LOADTEST, refused_url(), "--requests", "5", "--json", str(out), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert json.loads(out.read_text())["requests"]["sent"] == 5
+    # the progress line's reader gone (`2>&1 | head -1`): the run goes on and ends normally
+    proc = subprocess.Popen([*LOADTEST, refused_url(), "--requests", "5", "--progress-interval", "0.01"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stderr.close()
+    summary = proc.stdout.read()
+    assert proc.wait(timeout=30) == 0
+    assert "5 requests measured" in summary
+
+
+def test_a_missing_dependency_gives_the_dev_hint():
+    """scripts/loadtest.py run by a python3 without the dev lock: the hint, not an import traceback."""
+    code = ("import runpy, sys; sys.modules['aiohttp'] = None; sys.argv = ['scripts/loadtest.py', 'http://127.0.0.1:1'];"
+            " runpy.run_path('scripts/loadtest.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "aiohttp cannot be imported" in done.stderr and ".venv/bin/python scripts/loadtest.py" in done.stderr
 
 
 def test_latency_runs_from_the_due_time_or_an_early_send():
