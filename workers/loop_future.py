@@ -126,27 +126,24 @@ class LoopFuture(cf.Future[Any]):
             if self._exception is not None:
                 raise self._exception
             return self._result
-        self._check_wait()
-        with self._blocking():
-            try:
-                return super().result(timeout)
-            except cf.CancelledError:
-                raise self._make_cancelled_error() from None
+        with self._waiting():
+            return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._check_wait()
-        with self._blocking():
-            try:
-                return super().exception(timeout)
-            except cf.CancelledError:
-                raise self._make_cancelled_error() from None
+        with self._waiting():
+            return super().exception(timeout)
 
     @contextlib.contextmanager
-    def _blocking(self) -> Iterator[None]:
+    def _waiting(self) -> Iterator[None]:
+        """Around a blocking wait of concurrent.futures': refused on the loop's thread, counted while
+        it waits (so completion knows to notify), and its cancellation raised as asyncio's error."""
+        self._check_wait()
         with self._condition:
             self._blocked += 1
         try:
             yield
+        except cf.CancelledError:
+            raise self._make_cancelled_error() from None
         finally:
             with self._condition:
                 self._blocked -= 1
