@@ -4,7 +4,6 @@ the bad setting, and the CPU count derived from affinity and a (fake) cgroup quo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.config import MIB, Config, ConfigError, RateLimit, available_cpus, load
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -323,9 +323,7 @@ def test_serve_with_an_unreachable_redis_store_exits_with_one_line_naming_the_fl
     """A real refused connection (a loopback port nobody listens on): exit 1, one line naming
     --store, the URL's password never shown, no traceback, nothing left running."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # free a moment ago: nothing listens there
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--port", "0", "--workers", "1",
          "--store", f"redis://:hunter2@127.0.0.1:{port}/0"],
