@@ -409,15 +409,15 @@ def _goal_notes(r: dict[str, Any]) -> list[str]:
     fnoop, fhealth = few.get("noop"), few.get("healthz")
     if fnoop and fhealth:
         fpairs = few.get("noop_pairs") or []
-        busy = (fnoop.get("machine_busy_cores"), fnoop.get("server_cpu") or {})
+        main_cores = (fnoop.get("server_cpu") or {}).get("main_cores")
         notes.append(
             f"- `noop_http_ratio_few_clients`: at {r['load'].get('noop_few_concurrency')} clients the pairs gave "
             + ", ".join(_fmt(x["ratio"]) for x in fpairs)
             + f" ({_fmt(fnoop['throughput_rps'])} no-op calls/s against {_fmt(fhealth['throughput_rps'])} `/healthz`/s "
             f"in the median pair). With that few calls in flight the event loop waits on each round trip to a worker: "
-            f"the machine had {_fmt(busy[0])} of its cores busy during the no-op run (the service's main process "
-            f"{_fmt(busy[1].get('main_cores'))}), so that figure measures the round trip's latency more than what the "
-            "service can serve.")
+            f"the machine had {_fmt(fnoop.get('machine_busy_cores'))} of its cores busy during the no-op run (the "
+            f"service's main process {_fmt(main_cores)}), so that figure measures the round trip's latency more "
+            "than what the service can serve.")
     d = r["dispatch"]
     if d.get("procbridge_run_in_executor_us") and d.get("procbridge_native_us"):
         notes.append(
