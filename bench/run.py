@@ -665,11 +665,6 @@ def judge(figs: dict[str, float | None]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _trim(run: dict[str, Any]) -> dict[str, Any]:
-    """A load test's result without its per-second timeline (the JSON stays small)."""
-    return {k: v for k, v in run.items() if k != "timeline"}
-
-
 # -- how undisturbed the machine was ---------------------------------------------------------------
 
 IDLE_CORES = 0.25  # busy cores below which the machine counts as idle
@@ -894,11 +889,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plots = report.plots(results, img_dir)
         profile = results["contenders"].get("procbridge", {}).pop("profile", None)
         results["profile"] = profile or {"status": "not measured", "reason": "skipped"}
-        for c in results["contenders"].values():
-            for runs in (c, c.get("few_clients") or {}):
-                for k, v in list(runs.items()):
-                    if isinstance(v, dict) and "latency_ms" in v:
-                        runs[k] = _trim(v)
+        for _, _, run in _load_runs(results):
+            run.pop("timeline", None)  # drawn already; the JSON stays small
         old = md_path.read_text() if md_path.exists() else ""
         md_path.parent.mkdir(parents=True, exist_ok=True)
         md_path.write_text(report.markdown(results, plots, md_path.parent, json_path, old))
