@@ -1,6 +1,7 @@
-# syntax=docker/dockerfile:1
 # procbridge: the HTTP service (default command) and, with another command, the Dask scheduler or a
 # Dask worker with the same code (docker-compose.yml, profile "dask"). See docs/container.md.
+# No `# syntax=` line on purpose: nothing here needs a newer Dockerfile frontend than the one built into
+# every engine, and naming one makes BuildKit pull it from a registry before the build can start.
 
 # -- build: a virtual environment from the pinned lock, then the project itself ---------------------
 FROM python:3.11-slim-bookworm AS build
@@ -11,8 +12,11 @@ COPY requirements.lock ./
 # --no-deps: exactly what the lock pins, nothing resolved at build time.
 RUN /opt/venv/bin/pip install --no-deps --require-virtualenv -r requirements.lock
 COPY pyproject.toml README.md ./
+# Every package pyproject.toml lists ([tool.setuptools] packages); scripts/container-smoke builds
+# exactly what these lines copy, so a package missing here fails CI.
 COPY service ./service
 COPY workers ./workers
+COPY bench ./bench
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 
