@@ -691,13 +691,3 @@ def run(options: Options) -> dict[str, Any]:
 
     return uvloop.run(LoadTest(options).run())
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (bench/loadtest_cli.py), imported only when used."""
-    from bench.loadtest_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

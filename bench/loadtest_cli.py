@@ -274,3 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_out(sys.stderr, f"WARNING: {w}\n")
     return 0
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@ Every contender is started here as a subprocess on a free loopback port and stop
 1. naive (aiohttp, the function inline on the loop), 2. stdlib (aiohttp + a stock
 ProcessPoolExecutor through run_in_executor), 3. gunicorn (sync workers, one per core, a minimal WSGI
 app), 4. procbridge (`python -m service serve`). All serve the same functions (`burn`, `primes` from
-workers.builtin_tasks). The load comes from `python -m bench.loadtest` in its own process.
+workers.builtin_tasks). The load comes from `python -m bench.loadtest_cli` in its own process.
 
 Phases: the direct rate of each function in one process; the executor dispatch cost with no HTTP
 (scripts/pool_overhead.py); per contender: saturating closed-loop `burn` at 10 ms and 1 ms, a no-op
@@ -253,7 +253,7 @@ class Bench:
     # one load test, in its own process
     def loadtest_argv(self, url: str, label: str, args: Sequence[str]) -> tuple[list[str], Path]:
         out = self.workdir / f"{label}.json"
-        argv = [sys.executable, "-m", "bench.loadtest", url, *args, "--json", str(out),
+        argv = [sys.executable, "-m", "bench.loadtest_cli", url, *args, "--json", str(out),
                 "--timeout", f"{self.plan.request_timeout:g}"]
         if self.quiet:
             argv.append("--quiet")

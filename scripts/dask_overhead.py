@@ -34,6 +34,7 @@ import contextlib
 import uvloop
 
 from workers.errors import TaskTimeout
+from workers.executor import CallOptions
 from workers.pool import PoolOptions, WorkerPool, stop_helper_processes
 
 TASK, ARGS = "primes", {"limit": 10}
@@ -69,11 +70,11 @@ async def stop_cost(ex: Any, tries: int = 3) -> float:
     costs = []
     for _ in range(tries):
         with contextlib.suppress(TaskTimeout):
-            await ex.call("burn", {"ms": 5000}, timeout=0.3)
+            await ex.call("burn", {"ms": 5000}, CallOptions(timeout=0.3))
         start = time.perf_counter()
-        await ex.call(TASK, ARGS, timeout=60)
+        await ex.call(TASK, ARGS, CallOptions(timeout=60))
         costs.append(time.perf_counter() - start)
-        await ex.call(TASK, ARGS, timeout=60)
+        await ex.call(TASK, ARGS, CallOptions(timeout=60))
     return statistics.median(costs)
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import uvloop
 
 from workers import task
+from workers.executor import CallOptions
 from workers.pool import PoolOptions, WorkerPool, stop_helper_processes
 
 MIB = 1024 * 1024
@@ -95,7 +96,7 @@ async def procbridge(data: bytes, workers: int, seconds: float, shm: bool) -> fl
             raise RuntimeError("no room in /dev/shm for the payload")
         try:
             lease.buffer[:size] = data  # the socket read, into the segment
-            outcome = await pool.call("bench_echo", {"data": lease}, shared_result=True)
+            outcome = await pool.call("bench_echo", {"data": lease}, CallOptions(shared_result=True))
         finally:
             lease.release()
         result = outcome.value

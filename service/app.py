@@ -20,8 +20,8 @@ from service.problems import problem_middleware
 from service.rate_limit import rate_limit_middleware
 from service.validation import TaskCatalog
 from workers import registry
+from workers.backends import open_executor
 from workers.executor import Executor
-from workers.pool import PoolOptions, WorkerPool
 
 if TYPE_CHECKING:
     from service.job_runner import JobRunner
@@ -74,42 +74,6 @@ class RejectedRequests(Collector):
         yield family
 
 
-def make_executor(config: Config) -> Executor:
-    """The executor named by --executor: the local pool, or a Dask cluster (dask://HOST:PORT)."""
-    if config.executor.startswith("dask://"):
-        try:
-            from workers.dask_executor import DaskExecutor, DaskOptions, parse_address
-        except ImportError as exc:  # dask/distributed are in requirements.lock; a trimmed install may lack them
-            raise RuntimeError(f"--executor {config.executor} needs the 'distributed' package: {exc}") from None
-        address, isolate = parse_address(config.executor)
-        return DaskExecutor(
-            DaskOptions(
-                address=address,
-                modules=config.tasks,
-                isolate=isolate,
-                task_timeout=config.task_timeout,
-                max_pending=config.max_pending,
-                cancel_running=config.cancel_running_on_disconnect,
-            )
-        )
-    return WorkerPool(
-        PoolOptions(
-            workers=config.workers,
-            modules=config.tasks,
-            max_pending=config.max_pending,
-            task_timeout=config.task_timeout,
-            max_tasks_per_worker=config.max_tasks_per_worker,
-            max_worker_memory=config.max_worker_memory,
-            nice=config.worker_nice,
-            cancel_running=config.cancel_running_on_disconnect,
-            debug=config.debug,
-            shm_threshold=config.shm_threshold,
-            shm_budget=config.shm_budget,
-            shm_need=2 * config.max_body,  # one body of the largest size in, one result out
-        )
-    )
-
-
 def create_app(config: Config) -> web.Application:
     """Build the app. Task modules are imported here (so a bad module fails before anything starts);
     the pool starts in the startup hook and stops in the cleanup hook."""
@@ -154,7 +118,7 @@ def create_app(config: Config) -> web.Application:
         store = open_store(config.store)
         await store.open()
         try:
-            executor = make_executor(config)
+            executor = open_executor(config.executor, config)
             await executor.start()
         except BaseException:
             await store.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
@@ -15,6 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from service.problems import Problem
+from workers.executor import PayloadBuffer
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -84,18 +85,6 @@ def expect_continue(limit: int) -> Callable[[web.Request], Awaitable[web.StreamR
         return None
 
     return handle
-
-
-class PayloadBuffer(Protocol):
-    """A writable buffer lent for one payload (workers.shm.Lease): `buffer` is all of it, `length`
-    the bytes in use; `release()` gives it back."""
-
-    length: int
-
-    @property
-    def buffer(self) -> memoryview: ...
-
-    def release(self) -> None: ...
 
 
 Allocate = Callable[[int], Awaitable[PayloadBuffer | None]]

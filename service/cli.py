@@ -33,11 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     if command == "loadtest":
         try:
-            from bench import loadtest
+            from bench import loadtest_cli
         except ImportError as exc:  # a checkout installed without its bench package, or without aiohttp
             print(f"procbridge loadtest is not available here ({exc}); install the checkout with "
                   "`pip install -e .` and `pip install -r requirements-dev.lock`", file=sys.stderr)
             return 2
-        return loadtest.main(rest)
+        return loadtest_cli.main(rest)
     print(f"procbridge: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2

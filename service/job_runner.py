@@ -27,6 +27,7 @@ from service.problems import Problem, from_pool_error
 from service.store.base import JobStore
 from service.validation import TaskCatalog
 from workers.errors import PoolClosed, PoolError
+from workers.executor import CallOptions, Executor
 
 log = logging.getLogger("procbridge.jobs")
 
@@ -41,7 +42,7 @@ class JobRunner:
     def __init__(
         self,
         store: JobStore,
-        executor: Any,
+        executor: Executor,
         catalog: TaskCatalog,
         events: JobEvents,
         *,
@@ -189,10 +190,9 @@ class JobRunner:
             self.events.publish(job.id, "progress", progress)
 
         try:
-            outcome = await self.executor.call(
-                job.task, kwargs, timeout=job.timeout, encode_json=True,
-                on_progress=on_progress, kill_on_cancel=True,
-            )
+            outcome = await self.executor.call(job.task, kwargs, CallOptions(
+                timeout=job.timeout, encode_json=True, on_progress=on_progress, kill_on_cancel=True,
+            ))
         except asyncio.CancelledError:
             if not self._stopping:
                 return  # cancelled through the API: the store already says so

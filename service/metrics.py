@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from workers.executor import Executor
 from workers.stats import STATE_NAMES
 
 disable_created_metrics()  # the *_created series only double the scrape size
@@ -31,7 +32,7 @@ LAG_INTERVAL = 0.1
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pool: Callable[[], Any]) -> None:
+    def __init__(self, pool: Callable[[], Executor | None]) -> None:
         self._pool = pool
 
     def collect(self) -> Iterator[Any]:
@@ -66,14 +67,13 @@ class _PoolCollector(Collector):
         yield restarts
         yield cpu
         yield started
-        yield from _shm_metrics(getattr(pool, "segments", None))
+        yield from _shm_metrics(pool.payload_stats() if pool is not None else None)
 
 
-def _shm_metrics(segments: Any) -> Iterator[Any]:
+def _shm_metrics(stats: dict[str, Any] | None) -> Iterator[Any]:
     """The shared-memory payload pool (workers/shm.py), when the executor has one."""
-    if segments is None:
+    if stats is None:
         return
-    stats = segments.stats()
     count = GaugeMetricFamily("procbridge_shm_segments", "Shared-memory payload segments", labels=["state"])
     size = GaugeMetricFamily("procbridge_shm_bytes", "Bytes of shared-memory payload segments", labels=["state"])
     for state in ("leased", "free"):
@@ -88,7 +88,7 @@ def _shm_metrics(segments: Any) -> Iterator[Any]:
     )
     for direction in ("in", "out"):
         for path in ("shm", "pipe"):
-            payloads.add_metric([direction, path], segments.payloads.get((direction, path), 0))
+            payloads.add_metric([direction, path], stats["payloads"].get((direction, path), 0))
     yield count
     yield size
     yield budget
@@ -122,7 +122,7 @@ class _TaskCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, pool: Callable[[], Any]) -> None:
+    def __init__(self, pool: Callable[[], Executor | None]) -> None:
         self.registry = CollectorRegistry()
         self._tasks = _TaskCollector()
         self.registry.register(self._tasks)

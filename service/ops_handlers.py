@@ -28,11 +28,10 @@ async def readyz(request: web.Request) -> web.Response:
     executor = service.executor
     alive = executor.alive if executor is not None else 0
     # An executor may add fields of its own (the Dask one: scheduler address, reachable, threads).
-    readiness = getattr(executor, "readiness", None)
-    extra = readiness() if callable(readiness) else {}
+    extra = executor.readiness() if executor is not None else {}
     if service.draining or executor is None or executor.closing:
         return json_response({"status": "draining", "workers_alive": alive, **extra}, status=503)
-    if alive + getattr(executor, "replacing", 0) < 1:  # a worker being replaced still takes calls
+    if alive + executor.replacing < 1:  # a worker being replaced still takes calls
         return json_response({"status": "no-workers", "workers_alive": alive, **extra}, status=503)
     return json_response({"status": "ready", "workers_alive": alive, **extra})
 
@@ -54,11 +53,12 @@ async def workers(request: web.Request) -> web.Response:
     scheduler last listed them, when the executor describes its workers itself)."""
     service = request.app[SERVICE]
     executor = service.executor
-    describe = getattr(executor, "describe_workers", None)
-    if callable(describe):
-        assert executor is not None
-        return json_response({"size": executor.size, "workers": describe()})
-    rows = executor.rows() if executor is not None else []
+    if executor is None:
+        return json_response({"size": 0, "workers": []})
+    described = executor.describe_workers()
+    if described is not None:
+        return json_response({"size": executor.size, "workers": described})
+    rows = executor.rows()
     listing = [
         {
             "slot": row.slot,
@@ -71,7 +71,7 @@ async def workers(request: web.Request) -> web.Response:
         }
         for row in rows
     ]
-    return json_response({"size": executor.size if executor is not None else 0, "workers": listing})
+    return json_response({"size": executor.size, "workers": listing})
 
 
 def _rounded(when: float | None) -> float | None:

@@ -13,7 +13,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from workers.errors import Overloaded, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
+from workers.errors import (
+    ExecutorUnavailable,
+    Overloaded,
+    PoolClosed,
+    PoolError,
+    TaskFailed,
+    TaskTimeout,
+    WorkerCrashed,
+)
 
 log = logging.getLogger("procbridge.http")
 
@@ -93,7 +101,7 @@ def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1
         if debug and exc.traceback:
             extra["traceback"] = exc.traceback
         return Problem(500, "task-failed", str(exc), **extra)
-    if isinstance(exc, WorkerCrashed):
+    if isinstance(exc, WorkerCrashed | ExecutorUnavailable):  # the upstream failed: one 502 for both
         return Problem(502, "worker-crashed", str(exc))
     if isinstance(exc, TaskTimeout):
         return Problem(504, "task-timeout", str(exc))

@@ -18,14 +18,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.app import SERVICE, Service
-from service.body import OCTET_STREAM, PayloadBuffer, body_kind, expect_continue, parse_object, read_body, read_payload
+from service.body import OCTET_STREAM, body_kind, expect_continue, parse_object, read_body, read_payload
 from service.problems import Problem, from_pool_error
 from service.validation import TaskEntry
 from workers.errors import PoolError
+from workers.executor import CallOptions, PayloadBuffer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JSON_TYPE = "application/json"
 _WRITE_CHUNK = 1024 * 1024  # a large result goes to the socket in slices of its buffer, no copy
+# A synchronous call: the result comes JSON-encoded by the worker, a large bytes result in a buffer.
+SYNC_CALL = CallOptions(encode_json=True, shared_result=True)
 
 
 def setup(app: web.Application) -> None:
@@ -85,9 +88,11 @@ async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -
         query = {k: v for k, v in request.query.items() if k != "timeout"}
         kwargs = service.catalog.validate_binary(entry, query, b"")  # refuse bad arguments before the body
         executor = service.executor
-        allocate = getattr(executor, "payload_buffer", None)  # the local pool lends shared memory
-        threshold = getattr(executor, "shm_threshold", None)
-        payload = await read_payload(request, service.config.max_body, allocate, threshold)
+        assert executor is not None  # admit_or_refuse() refused the call otherwise
+        # The local pool lends shared memory for large bodies; an executor without it lends nothing.
+        payload = await read_payload(
+            request, service.config.max_body, executor.payload_buffer, executor.shm_threshold
+        )
         try:
             kwargs[entry.spec.bytes_param or ""] = payload
             outcome = await run_task(service, entry.name, kwargs, timeout)
@@ -177,13 +182,11 @@ async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout:
 
     With an executor that lends payload buffers, a large bytes result comes back in one (released by
     whoever sends it): the caller must handle a PayloadBuffer as well as bytes."""
-    executor: Any = service.executor
+    executor = service.executor
     assert executor is not None
     try:
-        if hasattr(executor, "payload_buffer"):
-            outcome = await executor.call(name, kwargs, timeout=timeout, encode_json=True, shared_result=True)
-        else:
-            outcome = await executor.call(name, kwargs, timeout=timeout, encode_json=True)
+        options = SYNC_CALL if timeout is None else SYNC_CALL._replace(timeout=timeout)
+        outcome = await executor.call(name, kwargs, options)
     except PoolError as exc:
         raise from_pool_error(exc, debug=service.config.debug) from None
     service.metrics.observe(name, "ok", outcome.elapsed)

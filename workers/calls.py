@@ -2,14 +2,15 @@
 
 `Call` is what the pool queues and hands to a worker's window; `settle` completes its waiter (an
 asyncio future for `WorkerPool.call`, a concurrent one for `submit`) unless its caller already gave
-up, and `drop` releases the shared-memory segments it holds.
+up, and `drop` releases the shared-memory segments it holds. (Its Outcome is the seam's type:
+`workers.executor.Outcome`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from workers.executor import ProgressCallback
 from workers.shm import Lease
@@ -17,16 +18,6 @@ from workers.worker import KIND_MAP
 
 if TYPE_CHECKING:
     from workers.handle import WorkerHandle
-
-
-class Outcome(NamedTuple):
-    """A finished call: the task's value, the worker pid, the seconds it ran, and whether `value`
-    is the result already encoded as JSON bytes (calls made with encode_json=True)."""
-
-    value: Any
-    pid: int
-    elapsed: float
-    json: bool = False
 
 
 Waiter = asyncio.Future[Any] | cf.Future[Any]

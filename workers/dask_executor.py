@@ -58,9 +58,8 @@ from workers.dask_remote import (
     OK_VALUE,
     TIMEOUT,
 )
-from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
-from workers.executor import LoopBoundExecutor, ProgressCallback
-from workers.pool import Outcome
+from workers.errors import ExecutorUnavailable, Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
+from workers.executor import PLAIN_CALL, CallOptions, Executor, ExecutorSettings, Outcome, ProgressCallback
 from workers.stats import BUSY, IDLE, WorkerRow
 
 try:  # the plugin base class; dask is a runtime dependency, but keep the import error readable
@@ -74,25 +73,17 @@ ISOLATION_MODES = ("process", "thread")
 _TICK = 0.1
 
 
-class _ClusterFailure(WorkerCrashed):
-    """A call the cluster failed (502, like a crashed worker), told in a sentence: no pid, no signal."""
+class DaskUnavailable(ExecutorUnavailable):
+    """The cluster cannot run the call: the scheduler is unreachable, or it has had no worker for
+    too long. Answered 502 (the upstream failed), never left hanging."""
+
+
+class DaskWorkerLost(WorkerCrashed):
+    """Dask gave up on the task: the workers running it died `allowed-failures` times (which
+    processes, the scheduler does not say: no pid)."""
 
     def __init__(self, detail: str) -> None:
-        super().__init__(0, None)
-        self.args = (detail,)
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
-
-
-class DaskUnavailable(_ClusterFailure):
-    """The cluster cannot run the call: the scheduler is unreachable, or it has had no worker for
-    too long. Answered 502 like a crashed worker (the upstream failed), never left hanging."""
-
-
-class DaskWorkerLost(_ClusterFailure):
-    """Dask gave up on the task: the workers running it died `allowed-failures` times."""
+        super().__init__(None, None, detail)
 
 
 def parse_address(url: str) -> tuple[str, str]:
@@ -121,6 +112,18 @@ class DaskOptions:
     refresh: float = 0.5  # how often the scheduler is asked for its workers (readiness)
     unavailable_grace: float = 10.0  # a call waits this long at most for a cluster with no worker
     timeout_slack: float = 2.0  # process mode: the worker enforces timeouts; the client only backs it up
+
+    @classmethod
+    def from_settings(cls, url: str, settings: ExecutorSettings) -> DaskOptions:
+        address, isolate = parse_address(url)
+        return cls(
+            address=address,
+            modules=settings.tasks,
+            isolate=isolate,
+            task_timeout=settings.task_timeout,
+            max_pending=settings.max_pending,
+            cancel_running=settings.cancel_running_on_disconnect,
+        )
 
 
 class ProcbridgeTasks(WorkerPlugin):
@@ -163,22 +166,22 @@ class _Call:
     scattered: list[Any] = field(default_factory=list)
 
 
-class DaskExecutor(LoopBoundExecutor):
+class DaskExecutor(Executor):
     """Runs registered tasks on a Dask cluster. Create, `await start()`, use, `await aclose()`."""
+
+    tick_interval = _TICK
 
     def __init__(self, options: DaskOptions) -> None:
         if options.isolate not in ISOLATION_MODES:
             raise ValueError(f"isolate must be one of {ISOLATION_MODES}")
+        super().__init__()
         self.options = options
         self.modules = tuple(options.modules)
-        self.restarts: Counter[str] = Counter()
         self._topic = f"procbridge-{uuid.uuid4().hex}"
         self._plugin_name = "procbridge-tasks-" + hashlib.sha1(
             f"{','.join(self.modules)}/{options.isolate}".encode()).hexdigest()[:12]
         self._client: Any = None
         self._scheduler_id: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         self._ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
         self._workers: dict[str, dict[str, Any]] = {}
@@ -187,30 +190,20 @@ class DaskExecutor(LoopBoundExecutor):
         self._reachable = False
         self._unavailable_since: float | None = time.monotonic()
         self._last_error = "not connected yet"
-        self._quiet = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Future[Any]] = set()
-        self._close_task: asyncio.Future[None] | None = None
-        self._closing = False
-        self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def _open(self) -> None:
         """Connect to the scheduler and check that its workers can import the task modules.
         A scheduler that cannot be reached within `connect_timeout` is an error; a cluster with no
         worker yet is not (/readyz says 503 until one joins)."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._quiet.set()
         try:
             await self._connect(self.options.connect_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure to connect or probe stops the start
             await self._drop_client()
             raise RuntimeError(f"cannot use the Dask scheduler at {self.options.address}: {exc}") from None
         self._monitor = asyncio.ensure_future(self._watch())
-        self._tick_handle = self._loop.call_later(_TICK, self._tick)
 
     async def _connect(self, timeout: float) -> None:
         from distributed import Client
@@ -239,26 +232,9 @@ class DaskExecutor(LoopBoundExecutor):
         ident = await client.scheduler.identity()
         self._scheduler_id = ident.get("id")
 
-    async def drain(self, grace: float) -> None:
-        """Take no new calls, let admitted ones finish for up to `grace` seconds, then close."""
-        self._closing = True
-        if self._calls:
-            self._quiet.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._quiet.wait(), grace)
-        await self.aclose()
-
-    async def aclose(self) -> None:
+    async def _stop(self) -> None:
         """Cancel what is still running on the cluster (its callers get PoolClosed), disconnect.
-        The cluster itself is not ours: it keeps running. Idempotent."""
-        if self._close_task is None:
-            self._close_task = asyncio.ensure_future(self._close())
-        await asyncio.shield(self._close_task)
-
-    async def _close(self) -> None:
-        self._closing = self._closed = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+        The cluster itself is not ours: it keeps running."""
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -270,44 +246,39 @@ class DaskExecutor(LoopBoundExecutor):
                 st.collector.cancel()
         futures = [st.future for st in calls if st.future is not None]
         if futures and self._client is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self._client.cancel(futures, reason="procbridge-shutdown"), 5.0)
+            except Exception:
+                log.warning("could not cancel %d call(s) on the Dask cluster at close", len(futures), exc_info=True)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._drop_client()
-        self._quiet.set()
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
         self._reachable = False
         if client is not None:
-            with contextlib.suppress(Exception):
+            try:
                 client.unsubscribe_topic(self._topic)
-            with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 5.0)
+            except Exception:
+                log.warning("closing the Dask client failed", exc_info=True)
 
     # -- calling --------------------------------------------------------------------------------
 
-    async def call(
-        self,
-        task: str,
-        kwargs: dict[str, Any],
-        *,
-        timeout: float | None = None,
-        encode_json: bool = False,
-        on_progress: ProgressCallback | None = None,
-        kill_on_cancel: bool = False,
-    ) -> Outcome:
-        """Run registered task `task` on a Dask worker; same contract as WorkerPool.call."""
+    async def call(self, task: str, kwargs: dict[str, Any], options: CallOptions = PLAIN_CALL) -> Outcome:
+        """Run registered task `task` on a Dask worker; same contract as WorkerPool.call (a bytes
+        result always comes back as bytes: there is no shared memory here)."""
+        timeout = options.timeout
         st = self._admit(KIND_TASK, task, timeout if timeout is not None else self.options.task_timeout)
-        st.progress = on_progress
-        st.kill_on_cancel = kill_on_cancel
-        result: Outcome = await self._run(st, kwargs, encode_json, on_progress is not None)
+        st.progress = options.on_progress
+        st.kill_on_cancel = options.kill_on_cancel
+        result: Outcome = await self._run(st, kwargs, options.encode_json, options.on_progress is not None)
         return result
 
     async def call_chunk(
-        self, task: str, items: list[dict[str, Any]], *, timeout: float | None = None
+        self, task: str, items: list[dict[str, Any]], timeout: float | None = None
     ) -> list[Outcome | TaskFailed]:
         """Run a task over several argument sets in one Dask task (a map chunk)."""
         st = self._admit(
@@ -328,7 +299,6 @@ class DaskExecutor(LoopBoundExecutor):
         st = _Call(next(self._ids), kind, name, timeout, self._loop.create_future())
         st.key = f"procbridge-{name}-{uuid.uuid4().hex}"
         self._calls[st.id] = st
-        self._quiet.clear()
         return st
 
     async def _run(self, st: _Call, payload: Any, encode: bool, want_progress: bool) -> Any:
@@ -431,7 +401,7 @@ class DaskExecutor(LoopBoundExecutor):
         if st.future is None:
             return
         if st.started_at is None or st.kill_on_cancel or self.options.cancel_running:
-            self._spawn(self._stop_remote(st, "cancelled"))
+            self._run_background(self._stop_remote(st, "cancelled"))
         else:
             from distributed import fire_and_forget
 
@@ -464,8 +434,7 @@ class DaskExecutor(LoopBoundExecutor):
             with contextlib.suppress(Exception):
                 future.release()
         st.scattered.clear()
-        if not self._calls:
-            self._quiet.set()
+        self._check_quiet()
 
     def _on_event(self, event: tuple[float, Any]) -> None:
         """An event from a worker, forwarded by the scheduler: a call started, or reported progress."""
@@ -492,28 +461,24 @@ class DaskExecutor(LoopBoundExecutor):
     def _tick(self) -> None:
         """Client-side deadlines: a started call past timeout (+ slack in process mode, where the
         worker enforces it first), and calls waiting on a cluster that has no worker or no scheduler."""
-        try:
-            now = time.monotonic()
-            slack = 0.0 if self.options.isolate == "thread" else self.options.timeout_slack
-            no_cluster = (
-                self._unavailable_since is not None and now - self._unavailable_since > self.options.unavailable_grace
-            )
-            for st in list(self._calls.values()):
-                if st.done.done() or st.future is None:
-                    continue
-                if st.started_at is not None and now - st.started_at > st.timeout + slack:
-                    self.restarts["timeout"] += 1
-                    self._settle(st, error=TaskTimeout(st.timeout))
-                    self._spawn(self._stop_remote(st, "timeout"))
-                elif no_cluster and (st.started_at is None or not self._reachable):
-                    self._settle(st, error=DaskUnavailable(
-                        f"the Dask cluster at {self.options.address} has had no usable worker for "
-                        f"{self.options.unavailable_grace:g} s ({self._last_error})"
-                    ))
-                    self._spawn(self._stop_remote(st, "unavailable"))
-        finally:
-            if not self._closed and self._loop is not None:
-                self._tick_handle = self._loop.call_later(_TICK, self._tick)
+        now = time.monotonic()
+        slack = 0.0 if self.options.isolate == "thread" else self.options.timeout_slack
+        no_cluster = (
+            self._unavailable_since is not None and now - self._unavailable_since > self.options.unavailable_grace
+        )
+        for st in list(self._calls.values()):
+            if st.done.done() or st.future is None:
+                continue
+            if st.started_at is not None and now - st.started_at > st.timeout + slack:
+                self.restarts["timeout"] += 1
+                self._settle(st, error=TaskTimeout(st.timeout))
+                self._run_background(self._stop_remote(st, "timeout"))
+            elif no_cluster and (st.started_at is None or not self._reachable):
+                self._settle(st, error=DaskUnavailable(
+                    f"the Dask cluster at {self.options.address} has had no usable worker for "
+                    f"{self.options.unavailable_grace:g} s ({self._last_error})"
+                ))
+                self._run_background(self._stop_remote(st, "unavailable"))
 
     # -- watching the cluster -------------------------------------------------------------------
 
@@ -562,7 +527,7 @@ class DaskExecutor(LoopBoundExecutor):
         unknown = [addr for addr in workers if addr not in self._pids]
         if unknown:
             self._pids.update(dict.fromkeys(unknown, 0))
-            self._spawn(self._fetch_pids(unknown))
+            self._run_background(self._fetch_pids(unknown))
         for addr in [a for a in self._pids if a not in workers]:
             del self._pids[addr]
         for st in self._calls.values():
@@ -576,11 +541,6 @@ class DaskExecutor(LoopBoundExecutor):
             for addr, pid in pids.items():
                 if addr in self._pids and isinstance(pid, int):
                     self._pids[addr] = pid
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -603,9 +563,8 @@ class DaskExecutor(LoopBoundExecutor):
         """Dask workers while the scheduler answers; 0 when it does not."""
         return len(self._workers) if self._reachable and self._client is not None else 0
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
+    def _is_quiet(self) -> bool:
+        return not self._calls
 
     def readiness(self) -> dict[str, Any]:
         """Extra fields for /readyz."""

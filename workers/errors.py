@@ -25,15 +25,32 @@ class TaskFailed(PoolError):
 
 
 class WorkerCrashed(PoolError):
-    """The worker process died while it was running this call."""
+    """The worker process died while it was running this call. `pid` and `exitcode` are None where
+    the backend cannot know them (a Dask worker lost by the scheduler); `detail` then says what
+    happened."""
 
-    def __init__(self, pid: int, exitcode: int | None) -> None:
-        super().__init__(pid, exitcode)
+    def __init__(self, pid: int | None, exitcode: int | None, detail: str = "") -> None:
+        super().__init__(pid, exitcode, detail)
         self.pid = pid
         self.exitcode = exitcode
+        self.detail = detail
 
     def __str__(self) -> str:
+        if self.detail:
+            return self.detail
         return f"worker {self.pid} died while running the task ({describe_exit(self.exitcode)})"
+
+
+class ExecutorUnavailable(PoolError):
+    """The executor cannot run the call at all: its cluster is unreachable, or has had no worker
+    for too long. Answered 502 like a crashed worker (the upstream failed), never left hanging."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class TaskTimeout(PoolError):

@@ -44,7 +44,7 @@ import pickle
 import socket
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -52,9 +52,9 @@ from types import FunctionType
 from typing import Any
 
 from workers import framing
-from workers.calls import Call, Outcome, claim, drop, drop_leases, settle
+from workers.calls import Call, claim, drop, drop_leases, settle
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
-from workers.executor import LoopBoundExecutor, ProgressCallback
+from workers.executor import PLAIN_CALL, CallOptions, Executor, ExecutorSettings, Outcome
 from workers.handle import WorkerHandle
 from workers.loop_future import LoopFuture
 from workers.processes import exit_code_of, kill_group, kill_tree, reap, stop_processes
@@ -110,20 +110,37 @@ class PoolOptions:
     shm_budget: int | None = None  # bytes of /dev/shm for payloads; None: 3/4 of its free space; 0: off
     shm_need: int = 0  # bytes the largest payload in and out takes: less budget than this is warned about
 
+    @classmethod
+    def from_settings(cls, settings: ExecutorSettings) -> PoolOptions:
+        return cls(
+            workers=settings.workers,
+            modules=settings.tasks,
+            max_pending=settings.max_pending,
+            task_timeout=settings.task_timeout,
+            max_tasks_per_worker=settings.max_tasks_per_worker,
+            max_worker_memory=settings.max_worker_memory,
+            nice=settings.worker_nice,
+            cancel_running=settings.cancel_running_on_disconnect,
+            debug=settings.debug,
+            shm_threshold=settings.shm_threshold,
+            shm_budget=settings.shm_budget,
+            shm_need=2 * settings.max_body,  # one body of the largest size in, one result out
+        )
 
-class WorkerPool(LoopBoundExecutor):
+
+class WorkerPool(Executor):
     """A supervised pool of worker processes. Create, `await start()`, use, `await aclose()`."""
+
+    tick_interval = _TICK
 
     def __init__(self, options: PoolOptions) -> None:
         if options.workers < 1:
             raise ValueError("a pool needs at least one worker")
+        super().__init__()
         self.options = options
-        self.size = options.workers
-        self.max_pending = options.max_pending or 4 * options.workers
-        self.restarts: Counter[str] = Counter()
+        self._size = options.workers
+        self._max_pending = options.max_pending or 4 * options.workers
         self._ctx = mp.get_context("forkserver")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         self._table: WorkerTable | None = None
         self._spawner = cf.ThreadPoolExecutor(1, thread_name_prefix="procbridge-spawn")
         self._workers: list[WorkerHandle | None] = [None] * self.size
@@ -133,28 +150,27 @@ class WorkerPool(LoopBoundExecutor):
         self._queue: deque[Call] = deque()
         self._dirty: list[WorkerHandle] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._averages: dict[str, float] = {}
         self._functions: dict[Callable[..., Any], bytes] = {}  # submit(): plain functions, pickled once
         self._crashes: deque[float] = deque()
-        self._quiet: asyncio.Event | None = None
         self._started: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._close_task: asyncio.Future[None] | None = None
-        self._closing = False
-        self._closed = False
         self.prefix = new_prefix()  # of every shared-memory name this pool creates (table and segments)
         self.segments: SegmentPool | None = None  # None: large payloads go through the sockets
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def max_pending(self) -> int:
+        return self._max_pending
+
+    async def _open(self) -> None:
         """Start every worker and return once all of them are ready to take calls."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._quiet = asyncio.Event()
-        self._quiet.set()
+        assert self._loop is not None
         self._table = WorkerTable.create(self.size, name=f"{self.prefix}table")
         options = self.options
         budget = plan_budget(options.shm_budget, options.shm_need) if options.shm_budget != 0 else 0
@@ -178,32 +194,9 @@ class WorkerPool(LoopBoundExecutor):
         if self.restarts:
             await self.aclose()
             raise RuntimeError("a worker died while starting (its traceback is above): check the task modules")
-        self._tick_handle = self._loop.call_later(_TICK, self._tick)
 
-    async def drain(self, grace: float) -> None:
-        """Take no new calls, let the admitted ones finish for up to `grace` seconds, then close
-        (calls still running then are killed and get PoolClosed)."""
-        self._closing = True
-        if self._quiet is not None and not self._is_quiet():
-            self._quiet.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._quiet.wait(), grace)
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop every worker (killing those still busy), fail what is left, free the table.
-
-        Safe to call more than once and from several tasks: all of them wait for the one close,
-        and cancelling a caller does not cut the close short.
-        """
-        if self._close_task is None:
-            self._close_task = asyncio.ensure_future(self._close())
-        await asyncio.shield(self._close_task)
-
-    async def _close(self) -> None:
-        self._closing = self._closed = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+    async def _stop(self) -> None:
+        """Stop every worker (killing those still busy), fail what is left, free the table."""
         for call in self._queue:
             settle(call.waiter, error=PoolClosed())
             drop(call)
@@ -228,7 +221,7 @@ class WorkerPool(LoopBoundExecutor):
         self._starting.clear()
         self._workers = [None] * self.size
         self._idle.clear()
-        for task in list(self._tasks):
+        for task in list(self._background):
             task.cancel()
         if self._loop is not None:
             # The spawner runs one thing at a time, so any proc.start() in progress finishes first.
@@ -239,22 +232,10 @@ class WorkerPool(LoopBoundExecutor):
             self._table = None
         if self.segments is not None:
             await self.segments.aclose()  # after the workers are gone: nobody writes into a segment any more
-        if self._quiet is not None:
-            self._quiet.set()
 
     # -- calling --------------------------------------------------------------------------------
 
-    async def call(
-        self,
-        task: str,
-        kwargs: dict[str, Any],
-        *,
-        timeout: float | None = None,
-        encode_json: bool = False,
-        on_progress: ProgressCallback | None = None,
-        kill_on_cancel: bool = False,
-        shared_result: bool = False,
-    ) -> Outcome:
+    async def call(self, task: str, kwargs: dict[str, Any], options: CallOptions = PLAIN_CALL) -> Outcome:
         """Run a registered task in a worker; the loop-native path (no concurrent.futures layer).
 
         `kwargs` must be plain data (what JSON decodes to, and bytes), or a `Lease` from
@@ -269,13 +250,14 @@ class WorkerPool(LoopBoundExecutor):
         """
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
+        timeout = options.timeout
         call = Call(
-            next(self._ids), KIND_TASK, task, kwargs, encode_json,
+            next(self._ids), KIND_TASK, task, kwargs, options.encode_json,
             timeout if timeout is not None else self.options.task_timeout, waiter,
         )
-        call.progress = on_progress
-        call.kill_on_cancel = kill_on_cancel
-        call.shared = shared_result
+        call.progress = options.on_progress
+        call.kill_on_cancel = options.kill_on_cancel
+        call.shared = options.shared_result
         segments = self.segments
         if segments is not None:
             threshold = segments.threshold
@@ -286,7 +268,7 @@ class WorkerPool(LoopBoundExecutor):
         return await self._await(call, waiter)
 
     async def call_chunk(
-        self, task: str, items: list[dict[str, Any]], *, timeout: float | None = None
+        self, task: str, items: list[dict[str, Any]], timeout: float | None = None
     ) -> list[Outcome | TaskFailed]:
         """Run a registered task over several argument sets in one worker call (a map chunk).
 
@@ -318,6 +300,12 @@ class WorkerPool(LoopBoundExecutor):
         if segments is None or self._closing or size <= segments.threshold:
             return None
         return await segments.lease(size, "in", count_pipe=False)  # counted when the bytes are sent
+
+    def payload_stats(self) -> dict[str, Any] | None:
+        segments = self.segments
+        if segments is None:
+            return None
+        return {**segments.stats(), "payloads": dict(segments.payloads)}
 
     @property
     def shm_threshold(self) -> int | None:
@@ -415,10 +403,6 @@ class WorkerPool(LoopBoundExecutor):
         """Workers being replaced right now with no back-off (a recycle, a timeout or cancel kill):
         while one is, the pool still takes calls (they wait in the queue), so it is still ready."""
         return len(self._replacing)
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
     def pids(self) -> list[int]:
         """Pids of the worker processes the pool holds now (started, not yet seen to exit)."""
@@ -700,7 +684,7 @@ class WorkerPool(LoopBoundExecutor):
                 segments.count_pipe("out")
             self._send_grant(w, call_id, call, lease)
         else:
-            self._spawn_task(self._grant_new(w, call, segments, size))
+            self._run_background(self._grant_new(w, call, segments, size))
 
     async def _grant_new(self, w: WorkerHandle, call: Call, segments: SegmentPool, size: int) -> None:
         self._send_grant(w, call.id, call, await segments.lease(size, "out"))
@@ -741,35 +725,31 @@ class WorkerPool(LoopBoundExecutor):
     def _tick(self) -> None:
         """Enforce timeouts from the start times the workers wrote, and the memory ceiling of
         running tasks; runs every _TICK seconds."""
-        try:
-            if self._table is None:
-                return
-            now = time.monotonic()
-            if self.segments is not None:
-                self.segments.trim(now)
-            ceiling = _MEMORY_CEILING * self.options.max_worker_memory
-            for w in self._workers:
-                if w is None or w.dying or not w.inflight:
-                    continue
-                row = self._table.read(w.slot)
-                if row.state != BUSY or row.pid != w.pid:
-                    continue
-                for call in w.inflight:
-                    if call.id == row.call_id:
-                        if call.timeout is not None and row.started_at > 0 and now - row.started_at > call.timeout:
-                            # A row read while its worker rewrites it can mix fields of two states (the
-                            # next call's id, the previous start): act only when two ticks agree.
-                            seen = (row.call_id, row.started_at)
-                            if w.overdue == seen:
-                                settle(call.waiter, error=TaskTimeout(call.timeout))
-                                self._kill(w, "timeout")
-                            w.overdue = seen
-                        break
-                if ceiling and not w.dying and rss_of(w.pid) > ceiling:
-                    self._kill(w, "max_memory")  # its call gets WorkerCrashed when the death is seen
-        finally:
-            if not self._closed and self._loop is not None:
-                self._tick_handle = self._loop.call_later(_TICK, self._tick)
+        if self._table is None:
+            return
+        now = time.monotonic()
+        if self.segments is not None:
+            self.segments.trim(now)
+        ceiling = _MEMORY_CEILING * self.options.max_worker_memory
+        for w in self._workers:
+            if w is None or w.dying or not w.inflight:
+                continue
+            row = self._table.read(w.slot)
+            if row.state != BUSY or row.pid != w.pid:
+                continue
+            for call in w.inflight:
+                if call.id == row.call_id:
+                    if call.timeout is not None and row.started_at > 0 and now - row.started_at > call.timeout:
+                        # A row read while its worker rewrites it can mix fields of two states (the
+                        # next call's id, the previous start): act only when two ticks agree.
+                        seen = (row.call_id, row.started_at)
+                        if w.overdue == seen:
+                            settle(call.waiter, error=TaskTimeout(call.timeout))
+                            self._kill(w, "timeout")
+                        w.overdue = seen
+                    break
+            if ceiling and not w.dying and rss_of(w.pid) > ceiling:
+                self._kill(w, "max_memory")  # its call gets WorkerCrashed when the death is seen
 
     def _kill(self, w: WorkerHandle, reason: str) -> None:
         if w.dying:
@@ -844,7 +824,7 @@ class WorkerPool(LoopBoundExecutor):
             delay = self._backoff() if unplanned else 0.0
             if not delay:
                 self._replacing.add(w.slot)
-            self._spawn_task(self._respawn(w.slot, delay))
+            self._run_background(self._respawn(w.slot, delay))
 
     def _release(self, proc: BaseProcess) -> None:
         """Free the dead process's handles; its exit code is known, so this does not block."""
@@ -906,7 +886,7 @@ class WorkerPool(LoopBoundExecutor):
                 raise  # at start-up a failure to start is the caller's to see
             log.exception("could not start a worker; retrying in 1 s")
             if not self._closed:
-                self._loop.call_later(1.0, lambda: self._spawn_task(self._spawn(slot)))
+                self._loop.call_later(1.0, lambda: self._run_background(self._spawn(slot)))
             return
         finally:
             child.close()
@@ -933,21 +913,5 @@ class WorkerPool(LoopBoundExecutor):
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(w.proc.sentinel)
 
-    def _spawn_task(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("pool housekeeping failed", exc_info=task.exception())
-
     def _is_quiet(self) -> bool:
         return not self._queue and all(w is None or not w.inflight for w in self._workers)
-
-    def _check_quiet(self) -> None:
-        """While draining (the only time anyone waits for it), say so once nothing is queued or
-        running. Calls are no longer admitted then, so a quiet pool stays quiet."""
-        if self._closing and self._quiet is not None and not self._quiet.is_set() and self._is_quiet():
-            self._quiet.set()

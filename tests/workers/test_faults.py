@@ -38,6 +38,7 @@ from tests.workers.pool_harness import (
     whole,
 )
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
+from workers.executor import CallOptions
 from workers.pool import WorkerPool
 
 BYSTANDERS = 10  # short calls: some pipelined behind the culprit, the others in the other worker's window or queued
@@ -108,7 +109,7 @@ async def test_fault_costs_only_its_own_call(fault: Fault, tmp_path: Path) -> No
         submitted_at = time.monotonic()
         culprit = asyncio.ensure_future(pool.call(
             "fault", {"kind": fault.kind, "marker": str(marker), "gate": str(gate)},
-            timeout=fault.call_timeout, encode_json=fault.encode_json,
+            CallOptions(timeout=fault.call_timeout, encode_json=fault.encode_json),
         ))
         culprit_pid = int(await wait_for_file(marker))
         (other_pid,) = pids_before - {culprit_pid}
@@ -453,7 +454,7 @@ async def test_soak_every_call_gets_exactly_one_answer_of_its_kind() -> None:
             elif kind == "crash":
                 await pool.call(rng.choice(("hard_exit", "segfault", "kill_self")), {})
             else:
-                await pool.call("spin_forever", {}, timeout=0.3)
+                await pool.call("spin_forever", {}, CallOptions(timeout=0.3))
             answer = "ok"
         except asyncio.CancelledError:
             answer = "cancelled"

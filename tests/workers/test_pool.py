@@ -32,6 +32,7 @@ from tests.workers.pool_harness import (
 )
 from workers.calls import Call
 from workers.errors import PoolClosed, TaskFailed, WorkerCrashed
+from workers.executor import CallOptions
 from workers.handle import DEEP_WINDOW, WorkerHandle
 from workers.pool import _TINY, PoolOptions, WorkerPool
 from workers.stats import BUSY, IDLE, WorkerTable
@@ -66,12 +67,12 @@ async def test_on_the_stock_asyncio_loop() -> None:
 @on_uvloop
 async def test_encode_json_returns_json_bytes_made_in_the_worker_and_bytes_stay_bytes() -> None:
     async with open_pool(workers=1) as (pool, _):
-        outcome = await pool.call("echo", {"value": [1, "two", {"3": 4.5}]}, encode_json=True)
+        outcome = await pool.call("echo", {"value": [1, "two", {"3": 4.5}]}, CallOptions(encode_json=True))
         assert outcome.json is True and isinstance(outcome.value, bytes)
         assert orjson.loads(outcome.value)["value"] == [1, "two", {"3": 4.5}]
-        digest = await pool.call("sha256", {"data": b"abc", "rounds": 2}, encode_json=True)
+        digest = await pool.call("sha256", {"data": b"abc", "rounds": 2}, CallOptions(encode_json=True))
         assert orjson.loads(digest.value) == hashlib.sha256(hashlib.sha256(b"abc").digest()).hexdigest()
-        png = await pool.call("mandelbrot", {"width": 8, "height": 6}, encode_json=True)
+        png = await pool.call("mandelbrot", {"width": 8, "height": 6}, CallOptions(encode_json=True))
         assert png.json is False and png.value[:8] == b"\x89PNG\r\n\x1a\n"
 
 

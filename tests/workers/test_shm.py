@@ -18,6 +18,7 @@ import pytest
 
 from tests.workers.pool_harness import alive, on_uvloop, open_pool, wait_for_file, wait_until
 from workers.errors import TaskFailed, TaskTimeout, WorkerCrashed
+from workers.executor import CallOptions
 from workers.pool import WorkerPool
 from workers.shm import Lease, SegmentPool, size_class
 
@@ -147,7 +148,7 @@ async def test_a_task_reads_the_segment_in_place_and_a_bytes_result_comes_back_t
         assert got == {"type": "bytes", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         # results: bytes by default (copied out, segment released), a Lease when asked for
         assert (await pool.call("echo_bytes", {"data": data})).value == data
-        shared = await pool.call("echo_copy", {"data": data}, shared_result=True)
+        shared = await pool.call("echo_copy", {"data": data}, CallOptions(shared_result=True))
         assert isinstance(shared.value, Lease) and shared.value.tobytes() == data
         shared.value.release()
         counts = segments(pool).payloads
@@ -163,7 +164,7 @@ async def test_a_task_reads_the_segment_in_place_and_a_bytes_result_comes_back_t
         before = ours(pool.prefix)
         for _ in range(10):
             lease = await filled(pool, data)
-            out = await pool.call("echo_bytes", {"data": lease}, shared_result=True)
+            out = await pool.call("echo_bytes", {"data": lease}, CallOptions(shared_result=True))
             lease.release()
             assert out.value.tobytes() == data
             out.value.release()
@@ -178,7 +179,7 @@ async def test_many_concurrent_payloads_never_mix() -> None:
         async def one(blob: bytes) -> bytes:
             lease = await filled(pool, blob)
             try:
-                out = await pool.call("echo_bytes", {"data": lease}, shared_result=True)
+                out = await pool.call("echo_bytes", {"data": lease}, CallOptions(shared_result=True))
             finally:
                 lease.release()
             try:
@@ -225,7 +226,7 @@ async def test_timeout_kill_releases_the_segments(tmp_path: Path) -> None:
         before = ours(pool.prefix)
         lease = await filled(pool, os.urandom(2 * MIB))
         with pytest.raises(TaskTimeout):
-            await pool.call("hold", {"data": lease, "marker": str(tmp_path / "m")}, timeout=0.3)
+            await pool.call("hold", {"data": lease, "marker": str(tmp_path / "m")}, CallOptions(timeout=0.3))
         lease.release()
         await wait_until(lambda: settled(pool), 5, "the segment to be released after the kill")
         assert ours(pool.prefix) == before
@@ -252,7 +253,8 @@ async def test_a_result_nobody_waits_for_any_more_is_released(tmp_path: Path) ->
     async with open_pool(workers=1, modules=TASKS) as (pool, _):
         marker, gate = tmp_path / "m", tmp_path / "g"
         call = asyncio.ensure_future(
-            pool.call("gated_bytes", {"size": 3 * MIB, "marker": str(marker), "gate": str(gate)}, shared_result=True)
+            pool.call("gated_bytes", {"size": 3 * MIB, "marker": str(marker), "gate": str(gate)},
+                      CallOptions(shared_result=True))
         )
         await wait_for_file(marker)
         call.cancel()  # the client went away; the task runs on (the default)
@@ -294,7 +296,8 @@ async def test_closing_the_pool_unlinks_everything_even_segments_in_use(tmp_path
         marker = tmp_path / "m"
         call = asyncio.ensure_future(pool.call("hold", {"data": lease, "marker": str(marker)}))
         await wait_for_file(marker)
-        kept = await pool.call("echo_copy", {"data": b"x" * (MIB)}, shared_result=True)  # a result held by us
+        # a result held by us
+        kept = await pool.call("echo_copy", {"data": b"x" * (MIB)}, CallOptions(shared_result=True))
         assert len(ours(prefix)) >= 4  # the table, a free segment, the held argument, the held result
     # the pool is closed here (open_pool also checked the table and the worker processes)
     assert ours(prefix) == set(), "closing the pool left segments in /dev/shm"
