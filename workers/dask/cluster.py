@@ -174,11 +174,17 @@ class Cluster:
 
     async def _fetch_pids(self, addresses: list[str]) -> None:
         """The pids of workers that joined after the probe (for /v1/workers); best effort, 0 if unknown."""
-        with contextlib.suppress(Exception):
-            pids = await asyncio.wait_for(self.client.run(os.getpid, workers=addresses, on_error="ignore"), 5.0)
-            for addr, pid in pids.items():
-                if addr in self.pids and isinstance(pid, int):
-                    self.pids[addr] = pid
+        client = self.client
+        if client is None:
+            return
+        try:
+            pids = await asyncio.wait_for(client.run(os.getpid, workers=addresses, on_error="ignore"), 5.0)
+        except Exception:  # /v1/workers still lists them, with their pid unknown
+            log.warning("could not ask Dask workers %s for their pids", addresses, exc_info=True)
+            return
+        for addr, pid in pids.items():
+            if addr in self.pids and isinstance(pid, int):
+                self.pids[addr] = pid
 
     # -- what the executor reports --------------------------------------------------------------
 

@@ -213,10 +213,12 @@ class DaskExecutor(Executor):
             await asyncio.wait_for(client.cancel([st.future], reason=f"procbridge-{reason}"), 10.0)
             if started and self.options.isolate == "thread" and st.worker:
                 log.warning("restarting Dask worker %s to stop %s (%s)", st.worker, st.name, reason)
-                with contextlib.suppress(Exception):  # it dies before it can answer
+                try:
                     await asyncio.wait_for(
                         client.run(dask_remote.kill_worker, workers=[st.worker], on_error="ignore"), 5.0
                     )
+                except Exception:  # expected: the worker dies before it can answer
+                    log.debug("Dask worker %s did not answer its kill", st.worker, exc_info=True)
         except Exception as exc:  # noqa: BLE001 - logged: the client-side answer was already given
             log.warning("could not stop %s on Dask worker %s: %s", st.name, st.worker, exc)
         if started and reason == "cancelled":
@@ -225,8 +227,10 @@ class DaskExecutor(Executor):
     def _forget(self, st: DaskCall) -> None:
         self._calls.pop(st.id, None)
         for future in st.scattered:
-            with contextlib.suppress(Exception):
+            try:
                 future.release()
+            except Exception:  # the cluster frees it with the client at worst
+                log.warning("releasing a scattered argument of %s failed", st.name, exc_info=True)
         st.scattered.clear()
         self._check_quiet()
 
