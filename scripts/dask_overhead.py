@@ -88,7 +88,8 @@ async def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     from distributed import LocalCluster
 
-    from workers.dask_executor import DaskExecutor, DaskOptions
+    from workers.dask.executor import DaskExecutor
+    from workers.dask.options import DaskOptions
 
     rows: list[tuple[str, float, float, float | None]] = []
 

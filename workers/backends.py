@@ -1,7 +1,7 @@
 """`open_executor(url, settings)`: the executor a URL names, as `open_store(url)` gives the job store.
 
     "local"                                  -> the supervised local pool (workers/pool.py)
-    "dask://HOST:PORT[?isolate=process|thread]" -> a Dask cluster (workers/dask_executor.py)
+    "dask://HOST:PORT[?isolate=process|thread]" -> a Dask cluster (workers/dask/)
 
 The backends are imported only when named, so a service on the local pool never imports Dask, and
 so the seam (workers/executor.py) imports no backend. `settings` is any object with the fields of
@@ -22,7 +22,8 @@ def open_executor(url: str, settings: ExecutorSettings) -> Executor:
         return WorkerPool(PoolOptions.from_settings(settings))
     if url.startswith("dask://"):
         try:
-            from workers.dask_executor import DaskExecutor, DaskOptions
+            from workers.dask.executor import DaskExecutor
+            from workers.dask.options import DaskOptions
         except ImportError as exc:  # dask/distributed are in requirements.lock; a trimmed install may lack them
             raise RuntimeError(f"--executor {url} needs the 'distributed' package: {exc}") from None
         return DaskExecutor(DaskOptions.from_settings(url, settings))

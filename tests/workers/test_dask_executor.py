@@ -28,7 +28,9 @@ from distributed import LocalCluster
 
 from tests.conftest import wait_until
 from tests.dask_cluster import DaskProcesses
-from workers.dask_executor import DaskExecutor, DaskOptions, DaskUnavailable, parse_address
+from workers.dask.calls import DaskUnavailable
+from workers.dask.executor import DaskExecutor
+from workers.dask.options import DaskOptions, parse_address
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions, Executor, Outcome
 

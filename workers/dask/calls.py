@@ -1,0 +1,108 @@
+"""One call on the client side: its record while it is on the cluster (`DaskCall`), how what
+`workers.dask_remote.run` returned becomes its answer (`answer`), and the errors only a Dask call
+can end with.
+
+Kept apart from the executor so that the cluster view (`cluster.py`), which lists the calls running
+on each worker, and the executor, which owns them, share the record without importing each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.dask_remote import CANCELLED, CRASHED, ERROR, OK, OK_JSON, OK_MAP, OK_VALUE, TIMEOUT
+from workers.errors import ExecutorUnavailable, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
+from workers.executor import Outcome, ProgressCallback
+
+
+class DaskUnavailable(ExecutorUnavailable):
+    """The cluster cannot run the call: the scheduler is unreachable, or it has had no worker for
+    too long. Answered 502 (the upstream failed), never left hanging."""
+
+
+class DaskWorkerLost(WorkerCrashed):
+    """Dask gave up on the task: the workers running it died `allowed-failures` times (which
+    processes, the scheduler does not say: no pid)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, None, detail)
+
+
+@dataclass(eq=False)
+class DaskCall:
+    """A call admitted by the executor, from admission until its caller has the answer. `started_at`
+    and `worker` are set by the worker's start event (None: still queued on the scheduler, or
+    queued again after its worker left); `done` is what the caller awaits."""
+
+    id: int
+    kind: int  # dask_remote.KIND_TASK or KIND_MAP
+    name: str
+    timeout: float
+    done: asyncio.Future[Any]
+    progress: ProgressCallback | None = None
+    kill_on_cancel: bool = False
+    key: str = ""  # the Dask task's key
+    future: Any = None  # distributed.Future, once submitted
+    collector: asyncio.Task[None] | None = None
+    started_at: float | None = None
+    worker: str | None = None  # address of the Dask worker running it
+    pid: int = 0
+    reports: int = 0  # progress events received
+    reports_wanted: int = 0  # progress events the worker says it sent (known once the result is in)
+    all_reports: asyncio.Event = field(default_factory=asyncio.Event)
+    scattered: list[Any] = field(default_factory=list)  # Dask futures of its scattered arguments
+
+    @property
+    def running(self) -> bool:
+        """Started on a worker and not answered yet."""
+        return self.started_at is not None and not self.done.done()
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> bool:
+        """Give the caller its answer, once: False if it already has one (or stopped waiting)."""
+        if self.done.done():
+            return False
+        if error is not None:
+            self.done.set_exception(error)
+        else:
+            self.done.set_result(value)
+        return True
+
+
+def answer(
+    st: DaskCall, status: int, value: Any, pid: int, elapsed: float
+) -> Outcome | list[Outcome | TaskFailed] | PoolError:
+    """What the caller of `st` gets for a result of `dask_remote.run`: an Outcome (a list of them
+    for a map chunk), or the error to raise (the same errors as the local pool's)."""
+    if status == ERROR:
+        return TaskFailed(*value)
+    if status == TIMEOUT:
+        return TaskTimeout(st.timeout)
+    if status == CRASHED:
+        return WorkerCrashed(pid, value)
+    if status == CANCELLED:
+        return PoolClosed()
+    if status == OK_MAP:
+        return [
+            TaskFailed(*item) if item_status == ERROR else Outcome(item, pid, item_elapsed, item_status == OK_JSON)
+            for item_status, item, item_elapsed in value
+        ]
+    assert status in (OK, OK_JSON, OK_VALUE)
+    return Outcome(value, pid, elapsed, status == OK_JSON)
+
+
+def as_plain(value: Any) -> Any:
+    """Bytes-like arguments as bytes: buffers, and handles that can read themselves out (the
+    shared-memory body handle of the local path has `tobytes()` or `read()`)."""
+    if type(value) is bytes or value is None or isinstance(value, str | int | float | bool | list | dict):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    for method in ("tobytes", "to_bytes", "read_bytes", "read"):
+        reader = getattr(value, method, None)
+        if callable(reader):
+            data = reader()
+            if isinstance(data, bytes | bytearray | memoryview):
+                return bytes(data)
+    return value
