@@ -118,7 +118,7 @@ def create_app(config: Config) -> web.Application:
         store = open_store(config.store)
         await store.open()
         try:
-            executor = open_executor(config.executor, config)
+            executor = open_executor(config.executor_url, config)
             await executor.start()
         except BaseException:
             await store.close()
@@ -131,7 +131,7 @@ def create_app(config: Config) -> web.Application:
         )
         await service.jobs.start()
         service.metrics.start()
-        where = f"Dask cluster {config.executor}" if config.executor != "local" else "local pool"
+        where = f"Dask cluster {config.executor_url}" if config.executor_url.kind == "dask" else "local pool"
         log.info("%d workers ready (%s); tasks: %s", executor.alive, where, ", ".join(e.name for e in catalog))
 
     async def stop(app: web.Application) -> None:

@@ -2,8 +2,8 @@
 
 In workers/ (which never imports service/) because the process side consumes it: the config checks
 the text with `parse_executor` and keeps the result (`Config.executor_url`), and whatever opens the
-executor reads `kind`, `scheduler` and `isolate` from it instead of parsing the URL again (today
-workers/dask_executor.py's `parse_address` and app.py's `startswith("dask://")` still do).
+executor (`workers.backends.open_executor`, `workers.dask.options.DaskOptions`) reads `kind`,
+`scheduler` and `isolate` from it instead of parsing the URL again.
 """
 
 from __future__ import annotations

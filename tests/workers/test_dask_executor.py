@@ -30,7 +30,7 @@ from tests.conftest import wait_until
 from tests.dask_cluster import DaskProcesses
 from workers.dask.calls import DaskUnavailable
 from workers.dask.executor import DaskExecutor
-from workers.dask.options import DaskOptions, parse_address
+from workers.dask.options import DaskOptions
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions, Executor, Outcome
 
@@ -70,15 +70,6 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def test_parse_address() -> None:
-    assert parse_address("dask://127.0.0.1:8786") == ("tcp://127.0.0.1:8786", "process")
-    assert parse_address("dask://sched:1?isolate=thread") == ("tcp://sched:1", "thread")
-    with pytest.raises(ValueError):
-        parse_address("dask://sched:1?isolate=fork")
-    with pytest.raises(ValueError):
-        parse_address("tcp://sched:1")
 
 
 async def test_builtins_and_user_tasks_by_name(cluster: LocalCluster) -> None:

@@ -26,13 +26,16 @@ def test_refused(text: str):
         parse_executor(text)
 
 
-@pytest.mark.parametrize("text", ["dask://127.0.0.1:8786", "dask://sched:1?isolate=thread",
-                                  "dask://sched:08786?isolate=process"])
-def test_same_answer_as_the_dask_executors_own_parser(text: str):
-    """Until workers/dask_executor.py takes an ExecutorURL, both parsers must agree."""
-    dask_executor = pytest.importorskip("workers.dask_executor")
-    parse_address = getattr(dask_executor, "parse_address", None)
-    if parse_address is None:
-        pytest.skip("workers.dask_executor.parse_address is gone: the executor uses ExecutorURL")
-    url = parse_executor(text)
-    assert parse_address(text) == (url.scheduler, url.isolate)
+@pytest.mark.parametrize(("text", "address", "isolate"), [
+    ("dask://127.0.0.1:8786", "tcp://127.0.0.1:8786", "process"),
+    ("dask://sched:1?isolate=thread", "tcp://sched:1", "thread"),
+    ("dask://sched:08786?isolate=process", "tcp://sched:8786", "process"),
+])
+def test_the_dask_executor_is_opened_with_the_parsed_scheduler_and_isolation(text: str, address: str, isolate: str):
+    from service.config import Config
+    from workers.backends import open_executor
+    from workers.dask.executor import DaskExecutor
+
+    executor = open_executor(text, Config(workers=1))
+    assert isinstance(executor, DaskExecutor)
+    assert (executor.options.address, executor.options.isolate) == (address, isolate)

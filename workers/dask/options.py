@@ -1,35 +1,20 @@
-"""The Dask backend's settings: `DaskOptions`, built from `dask://HOST:PORT[?isolate=...]` and the
-service's settings, and the isolation modes a call can run under.
-
-`parse_address` is the backend's own parser of its URL: the service may check the URL early (to
-refuse a bad flag before starting), but what the URL means is decided here, next to its only user.
+"""The Dask backend's settings: `DaskOptions`, built from the parsed `dask://HOST:PORT[?isolate=...]`
+(`workers.executor_url.ExecutorURL`, the one parser of that URL) and the service's settings, and the
+isolation modes a call can run under.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
 
 if TYPE_CHECKING:
     from workers.executor import ExecutorSettings
+    from workers.executor_url import ExecutorURL
 
 # "process": each call runs in a runner child of the Dask worker, killed at the deadline or on cancel;
 # "thread": in the Dask worker's thread, stopped by restarting that worker (see workers/dask_remote.py).
 ISOLATION_MODES = ("process", "thread")
-
-
-def parse_address(url: str) -> tuple[str, str]:
-    """`dask://HOST:PORT[?isolate=process|thread]` -> ("tcp://HOST:PORT", isolate)."""
-    parts = urlsplit(url)
-    if parts.scheme != "dask" or not parts.hostname or not parts.port:
-        raise ValueError("must be dask://HOST:PORT")
-    query = parse_qs(parts.query)
-    isolate = query.pop("isolate", ["process"])[-1]
-    if isolate not in ISOLATION_MODES or query:
-        raise ValueError("the only option of dask://HOST:PORT is ?isolate=process or ?isolate=thread")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"tcp://{host}:{parts.port}", isolate
 
 
 @dataclass(frozen=True)
@@ -54,12 +39,11 @@ class DaskOptions:
             raise ValueError(f"isolate must be one of {ISOLATION_MODES}")
 
     @classmethod
-    def from_settings(cls, url: str, settings: ExecutorSettings) -> DaskOptions:
-        address, isolate = parse_address(url)
+    def from_settings(cls, url: ExecutorURL, settings: ExecutorSettings) -> DaskOptions:
         return cls(
-            address=address,
+            address=url.scheduler,
             modules=settings.tasks,
-            isolate=isolate,
+            isolate=url.isolate,
             task_timeout=settings.task_timeout,
             max_pending=settings.max_pending,
             cancel_running=settings.cancel_running_on_disconnect,
