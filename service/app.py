@@ -24,7 +24,7 @@ from workers.executor import Executor
 from workers.pool import PoolOptions, WorkerPool
 
 if TYPE_CHECKING:
-    from service.job_runner import JobRunner
+    from service.jobs.runner import JobRunner
 
 log = logging.getLogger("procbridge")
 
@@ -113,10 +113,11 @@ def make_executor(config: Config) -> Executor:
 def create_app(config: Config) -> web.Application:
     """Build the app. Task modules are imported here (so a bad module fails before anything starts);
     the pool starts in the startup hook and stops in the cleanup hook."""
-    from service import job_handlers, map_handler, ops_handlers, task_handlers
-    from service.job_events import JobEvents
-    from service.job_runner import JobRunner
-    from service.store import open_store
+    from service import map_handler, ops_handlers, task_handlers
+    from service.jobs import handlers as job_handlers
+    from service.jobs.events import JobEvents
+    from service.jobs.runner import JobRunner
+    from service.jobs.store import open_store
 
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
@@ -163,7 +164,7 @@ def create_app(config: Config) -> web.Application:
         service.jobs = JobRunner(
             store, executor, catalog, JobEvents(),
             concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
-            shared_store=config.store.startswith(("redis://", "rediss://", "unix://")), debug=config.debug,
+            shared_store=store.shared, debug=config.debug,
         )
         await service.jobs.start()
         service.metrics.start()

@@ -27,9 +27,8 @@ from typing import Any
 
 import aiosqlite
 
-from service.job_model import CANCELLED, FINAL, QUEUED, RUNNING, STATUSES, Job
-from service.store import dumps_json, loads_json
-from service.store.base import JobStore
+from service.jobs.model import CANCELLED, FINAL, QUEUED, RUNNING, STATUSES, Job
+from service.jobs.store.base import JobStore, dumps_json, loads_json
 
 MIN_SQLITE_VERSION = (3, 35, 0)  # UPDATE … RETURNING
 SCHEMA_VERSION = 1

@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
-from service.job_events import JobEvents
-from service.job_model import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from service.jobs.events import JobEvents
+from service.jobs.model import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from service.jobs.store.base import JobStore
 from service.problems import Problem, from_pool_error
-from service.store.base import JobStore
 from service.validation import TaskCatalog
 from workers.errors import PoolClosed, PoolError
 

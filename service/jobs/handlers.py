@@ -16,7 +16,7 @@ from aiohttp_sse import sse_response
 
 from service.app import SERVICE, Service
 from service.body import body_kind, expect_continue, parse_object, read_body, refuse_unknown_fields
-from service.job_model import STATUSES, Job, new_job_id
+from service.jobs.model import STATUSES, Job, new_job_id
 from service.problems import Problem
 from service.task_handlers import JSON_TYPE, PNG_SIGNATURE, json_response
 
