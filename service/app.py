@@ -4,74 +4,28 @@ into an aiohttp Application, creating and closing resources in its startup and c
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
-from service.access_log import STDERR, AccessLogSink, AuditLog, JsonAccessLogger
+from service import map_handler, ops_handlers, task_handlers
+from service.access_log import STDERR, AccessLogSink, AuditLog
 from service.auth import KeyRing, auth_middleware
 from service.config import Config
-from service.metrics import Metrics
+from service.jobs import handlers as job_handlers
+from service.jobs.events import JobEvents
+from service.jobs.runner import JobRunner
+from service.jobs.store import open_store
+from service.metrics import Metrics, RejectedRequests
 from service.problems import problem_middleware
 from service.rate_limit import rate_limit_middleware
+from service.state import SERVICE, Service
 from service.validation import TaskCatalog
 from workers import registry
 from workers.executor import Executor
 from workers.pool import PoolOptions, WorkerPool
 
-if TYPE_CHECKING:
-    from service.jobs.runner import JobRunner
-
 log = logging.getLogger("procbridge")
-
-
-@dataclass
-class Service:
-    """What the handlers need: settings, the task catalog, the executor, metrics, drain state."""
-
-    config: Config
-    catalog: TaskCatalog
-    metrics: Metrics
-    executor: Executor | None = None
-    jobs: JobRunner | None = None
-    draining: bool = False
-    openapi_doc: bytes | None = None  # built on first request, then served as is
-    access_log: AccessLogSink | None = None  # None: --access-log off
-
-    def runner_options(self) -> dict[str, Any]:
-        """The keyword arguments of web.AppRunner that belong to the app: its access log."""
-        if self.access_log is None:
-            return {"access_log": None}
-        # aiohttp hands `access_log` to `access_log_class` unchanged (one logger per connection).
-        return {"access_log_class": JsonAccessLogger, "access_log": self.access_log}
-
-
-SERVICE = web.AppKey("service", Service)
-
-
-class RejectedRequests(Collector):
-    """`procbridge_rejected_requests_total{reason}`: requests refused for a missing or wrong key
-    (`unauthorized`) or over the rate (`rate-limited`). Plain counts, read at scrape time."""
-
-    def __init__(self) -> None:
-        self.counts = {"unauthorized": 0, "rate-limited": 0}
-
-    def unauthorized(self) -> None:
-        self.counts["unauthorized"] += 1
-
-    def rate_limited(self) -> None:
-        self.counts["rate-limited"] += 1
-
-    def collect(self) -> Any:
-        family = CounterMetricFamily("procbridge_rejected_requests", "Requests refused by API keys or rate limits",
-                                     labels=["reason"])
-        for reason, n in self.counts.items():
-            family.add_metric([reason], n)
-        yield family
 
 
 def make_executor(config: Config) -> Executor:
@@ -113,12 +67,6 @@ def make_executor(config: Config) -> Executor:
 def create_app(config: Config) -> web.Application:
     """Build the app. Task modules are imported here (so a bad module fails before anything starts);
     the pool starts in the startup hook and stops in the cleanup hook."""
-    from service import map_handler, ops_handlers, task_handlers
-    from service.jobs import handlers as job_handlers
-    from service.jobs.events import JobEvents
-    from service.jobs.runner import JobRunner
-    from service.jobs.store import open_store
-
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
     access_log = AccessLogSink(config.access_log) if config.access_log != "off" else None

@@ -18,9 +18,10 @@ import sys
 import uvloop
 from aiohttp import web
 
-from service.app import SERVICE, create_app
+from service.app import create_app
 from service.config import Config
 from service.http_protocol import BACKLOG, RUNNER_LIMITS, GuardedAppRunner
+from service.state import SERVICE
 from workers.pool import stop_helper_processes
 
 log = logging.getLogger("procbridge")
