@@ -231,5 +231,7 @@ class JobRunner:
     async def _flush_progress(self) -> None:
         pending, self._progress_pending = self._progress_pending, {}
         for job_id, progress in pending.items():
-            with contextlib.suppress(Exception):
+            try:
                 await self.store.set_progress(job_id, progress)
+            except Exception:  # progress is advisory: the job goes on, and the next report is stored
+                log.warning("could not store the progress of job %s", job_id, exc_info=True)
