@@ -1,164 +1,149 @@
-"""The application factory: `create_app(config)` wires the catalog, the executor and the metrics
-into an aiohttp Application, creating and closing resources in its startup and cleanup hooks."""
+"""The application factory: `create_app(config)` wires the catalog, the metrics, the middlewares and
+the routes into an aiohttp Application, and lists the resources the app holds while it runs.
+
+Each resource is one of aiohttp's cleanup contexts: opened at start-up in the order of
+`app.cleanup_ctx`, closed in the reverse order once the server has closed every connection
+(service/server.py runs the phases around them):
+
+    log sinks -> job store -> executor -> job runner -> metrics timers
+
+Log sinks first, so a log that cannot be opened stops start-up before any worker starts, and last to
+close, so every response is logged; the runner needs both the store and the executor, and stops
+before them.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
-from service.access_log import STDERR, AccessLogSink, AuditLog, JsonAccessLogger
+from service import map_handler, ops_handlers, task_handlers
+from service.access_log import STDERR, AccessLogSink, AuditLog
 from service.auth import KeyRing, auth_middleware
 from service.config import Config
-from service.metrics import Metrics
+from service.jobs import handlers as job_handlers
+from service.jobs.events import JobEvents
+from service.jobs.runner import JobRunner
+from service.jobs.store import open_store
+from service.metrics import Metrics, RejectedRequests
 from service.problems import problem_middleware
 from service.rate_limit import rate_limit_middleware
+from service.state import SERVICE, Service
 from service.validation import TaskCatalog
 from workers import registry
 from workers.backends import open_executor
-from workers.executor import Executor
-
-if TYPE_CHECKING:
-    from service.job_runner import JobRunner
 
 log = logging.getLogger("procbridge")
 
 
-@dataclass
-class Service:
-    """What the handlers need: settings, the task catalog, the executor, metrics, drain state."""
-
-    config: Config
-    catalog: TaskCatalog
-    metrics: Metrics
-    executor: Executor | None = None
-    jobs: JobRunner | None = None
-    draining: bool = False
-    openapi_doc: bytes | None = None  # built on first request, then served as is
-    access_log: AccessLogSink | None = None  # None: --access-log off
-
-    def runner_options(self) -> dict[str, Any]:
-        """The keyword arguments of web.AppRunner that belong to the app: its access log."""
-        if self.access_log is None:
-            return {"access_log": None}
-        # aiohttp hands `access_log` to `access_log_class` unchanged (one logger per connection).
-        return {"access_log_class": JsonAccessLogger, "access_log": self.access_log}
-
-
-SERVICE = web.AppKey("service", Service)
-
-
-class RejectedRequests(Collector):
-    """`procbridge_rejected_requests_total{reason}`: requests refused for a missing or wrong key
-    (`unauthorized`) or over the rate (`rate-limited`). Plain counts, read at scrape time."""
-
-    def __init__(self) -> None:
-        self.counts = {"unauthorized": 0, "rate-limited": 0}
-
-    def unauthorized(self) -> None:
-        self.counts["unauthorized"] += 1
-
-    def rate_limited(self) -> None:
-        self.counts["rate-limited"] += 1
-
-    def collect(self) -> Any:
-        family = CounterMetricFamily("procbridge_rejected_requests", "Requests refused by API keys or rate limits",
-                                     labels=["reason"])
-        for reason, n in self.counts.items():
-            family.add_metric([reason], n)
-        yield family
 
 
 def create_app(config: Config) -> web.Application:
     """Build the app. Task modules are imported here (so a bad module fails before anything starts);
-    the pool starts in the startup hook and stops in the cleanup hook."""
-    from service import job_handlers, map_handler, ops_handlers, task_handlers
-    from service.job_events import JobEvents
-    from service.job_runner import JobRunner
-    from service.store import open_store
-
+    the resources open when the app starts (aiohttp's runner.setup()) and close at its cleanup."""
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
-    access_log = AccessLogSink(config.access_log) if config.access_log != "off" else None
-    service.access_log = access_log
-    if access_log is not None:
-        access_log.with_keys = bool(config.api_keys)
-    # Middlewares only for what is configured, so the default path pays nothing: errors outermost
-    # (a 401 or 429 is a problem like any other), then keys, then the rate (per key, so after keys).
-    middlewares: list[Middleware] = [problem_middleware]
-    rejected = RejectedRequests()
-    service.metrics.registry.register(rejected)
-    audit: AuditLog | None = None
-    audit_sink: AccessLogSink | None = None
-    if config.api_keys:
-        # Refused keys are audited on the access-log stream, or on stderr when that is off.
-        audit_sink = access_log if access_log is not None else AccessLogSink(STDERR)
-        audit = log_rejection = AuditLog(audit_sink)
-
-        def on_reject(request: web.Request, reason: str, key_id: str | None) -> None:
-            rejected.unauthorized()
-            log_rejection(request, reason, key_id)
-
-        middlewares.append(auth_middleware(KeyRing(config.api_keys), on_reject))
-    if config.rate_limit is not None:
-        middlewares.append(rate_limit_middleware(config.rate_limit, on_limited=rejected.rate_limited))
-    app = web.Application(middlewares=middlewares, client_max_size=config.max_body + 1)
+    if config.access_log != "off":
+        service.access_log = AccessLogSink(config.access_log)
+        service.access_log.with_keys = bool(config.api_keys)
+    app = web.Application(middlewares=_middlewares(service), client_max_size=config.max_body + 1)
     app[SERVICE] = service
     task_handlers.setup(app)
     map_handler.setup(app)
     job_handlers.setup(app)
     ops_handlers.setup(app)
-
-    async def start(app: web.Application) -> None:
-        store = open_store(config.store)
-        await store.open()
-        try:
-            executor = open_executor(config.executor_url, config)
-            await executor.start()
-        except BaseException:
-            await store.close()
-            raise
-        service.executor = executor
-        service.jobs = JobRunner(
-            store, executor, catalog, JobEvents(),
-            concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
-            shared_store=config.store.startswith(("redis://", "rediss://", "unix://")), debug=config.debug,
-        )
-        await service.jobs.start()
-        service.metrics.start()
-        where = f"Dask cluster {config.executor_url}" if config.executor_url.kind == "dask" else "local pool"
-        log.info("%d workers ready (%s); tasks: %s", executor.alive, where, ", ".join(e.name for e in catalog))
-
-    async def stop(app: web.Application) -> None:
-        await service.metrics.stop()
-        if service.jobs is not None:
-            await service.jobs.close()
-        if service.executor is not None:
-            await service.executor.aclose()
-        if service.jobs is not None:
-            await service.jobs.store.close()
-
-    sinks = [sink for sink in dict.fromkeys((access_log, audit_sink)) if sink is not None]
-
-    async def open_logs(app: web.Application) -> None:
-        for sink in sinks:
-            sink.start()
-
-    async def close_logs(app: web.Application) -> None:
-        # After the server has closed its connections (aiohttp runs cleanup hooks last), so every
-        # response has been logged; a stuck stdout costs at most the deadline, never the exit.
-        if audit is not None:
-            audit.close()
-        for sink in sinks:
-            await sink.aclose(timeout=2.0)
-
-    app.on_startup.append(open_logs)  # first: a log that cannot be opened stops start-up before the pool
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
-    app.on_cleanup.append(close_logs)
+    app.cleanup_ctx.extend((log_sinks, job_store, task_executor, job_runner, metrics_timers))
     return app
+
+
+def _middlewares(service: Service) -> list[Middleware]:
+    """Middlewares only for what is configured, so the default path pays nothing: errors outermost
+    (a 401 or 429 is a problem like any other), then keys, then the rate (per key, so after keys)."""
+    config = service.config
+    middlewares: list[Middleware] = [problem_middleware]
+    rejected = RejectedRequests()
+    service.metrics.registry.register(rejected)
+    if config.api_keys:
+        # Refused keys are audited on the access-log stream, or on stderr when that is off.
+        audit = service.audit = AuditLog(service.access_log or AccessLogSink(STDERR))
+
+        def on_reject(request: web.Request, reason: str, key_id: str | None) -> None:
+            rejected.unauthorized()
+            audit(request, reason, key_id)
+
+        middlewares.append(auth_middleware(KeyRing(config.api_keys), on_reject))
+    if config.rate_limit is not None:
+        middlewares.append(rate_limit_middleware(config.rate_limit, on_limited=rejected.rate_limited))
+    return middlewares
+
+
+# -- the resources, in the order they open ---------------------------------------------------------
+
+
+async def log_sinks(app: web.Application) -> AsyncIterator[None]:
+    """The access log's and the audit's writer threads. Closed after the server has closed its
+    connections, so every response has been logged; a stuck stdout costs at most the deadline,
+    never the exit."""
+    service = app[SERVICE]
+    sinks = service.log_sinks()
+    for sink in sinks:
+        sink.start()
+    yield
+    if service.audit is not None:
+        service.audit.close()
+    for sink in sinks:
+        await sink.aclose(timeout=2.0)
+
+
+async def job_store(app: web.Application) -> AsyncIterator[None]:
+    """The job store named by --store (SQLite file or Redis), opened before any worker starts: an
+    unreachable Redis stops start-up at once."""
+    service = app[SERVICE]
+    store = open_store(service.config.store)
+    await store.open()
+    service.store = store
+    yield
+    await store.close()
+
+
+async def task_executor(app: web.Application) -> AsyncIterator[None]:
+    """The executor named by --executor: the workers start here and stop at its close (after a drain,
+    service/server.py)."""
+    service = app[SERVICE]
+    config = service.config
+    executor = open_executor(config.executor_url, config)
+    await executor.start()
+    service.executor = executor
+    where = f"Dask cluster {config.executor_url}" if config.executor_url.kind == "dask" else "local pool"
+    log.info("%d workers ready (%s); tasks: %s", executor.alive, where, ", ".join(e.name for e in service.catalog))
+    yield
+    await executor.aclose()
+
+
+async def job_runner(app: web.Application) -> AsyncIterator[None]:
+    """The job runner: requeues jobs a crash left running, then claims queued jobs; it stops claiming
+    when the drain starts and stops (its running jobs' calls cancelled) before the executor closes."""
+    service = app[SERVICE]
+    config = service.config
+    store, executor = service.store, service.executor
+    assert store is not None and executor is not None  # opened by the contexts before this one
+    runner = JobRunner(
+        store, executor, service.catalog, JobEvents(),
+        concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
+        shared_store=store.shared, debug=config.debug,
+    )
+    service.jobs = runner
+    await runner.start()
+    yield
+    await runner.close()
+
+
+async def metrics_timers(app: web.Application) -> AsyncIterator[None]:
+    """The event-loop lag timer behind procbridge_event_loop_lag_seconds."""
+    metrics = app[SERVICE].metrics
+    metrics.start()
+    yield
+    await metrics.stop()

@@ -14,7 +14,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from service.problems import Problem
+from service.problems import Problem, invalid_argument
 from workers.executor import PayloadBuffer
 
 OCTET_STREAM = "application/octet-stream"
@@ -228,7 +228,5 @@ def refuse_unknown_fields(payload: dict[str, Any], allowed: tuple[str, ...], wha
     """422 naming the first field of a request object that is not one of `allowed`."""
     unknown = sorted(set(payload) - set(allowed))
     if unknown:
-        raise Problem(
-            422, "invalid-arguments", f"{unknown[0]}: unknown field of {what} ({', '.join(allowed)})",
-            errors=[{"field": f, "message": "unknown field"} for f in unknown],
-        )
+        raise invalid_argument(unknown[0], f"unknown field of {what} ({', '.join(allowed)})", "unknown field",
+                               more=unknown[1:])

@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from service.app import SERVICE, Service
+from service.admission import admit_or_refuse
 from service.body import body_kind, expect_continue, parse_object, read_body, refuse_unknown_fields
-from service.problems import Problem, from_pool_error
-from service.task_handlers import admit_or_refuse, parse_timeout
-from service.validation import TaskEntry
+from service.problems import Problem, from_pool_error, invalid_argument
+from service.state import SERVICE, Service
+from service.validation import TaskEntry, call_timeout
 from workers.errors import Overloaded, PoolError, TaskTimeout, WorkerCrashed
 
 NDJSON = "application/x-ndjson"
@@ -38,22 +38,20 @@ def setup(app: web.Application) -> None:
 async def map_task(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     entry = service.catalog.get(request.match_info["name"])
-    timeout = parse_timeout(request.query.get("timeout"), service.config.task_timeout)
+    timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, text=True)
     body_kind(request, binary_ok=False)
     admit_or_refuse(service)
     payload = parse_object(await read_body(request, service.config.max_body))
     refuse_unknown_fields(payload, ("items", "ordered"), "a map request")
     items = payload.get("items")
     if not isinstance(items, list):
-        raise Problem(422, "invalid-arguments", "items: required, an array of argument objects",
-                      errors=[{"field": "items", "message": "required array"}])
+        raise invalid_argument("items", "required, an array of argument objects", "required array")
     if len(items) > service.config.max_map_items:
         raise Problem(413, "payload-too-large",
                       f"{len(items)} items; one map request takes at most {service.config.max_map_items}")
     ordered = payload.get("ordered", True)
     if not isinstance(ordered, bool):
-        raise Problem(422, "invalid-arguments", "ordered: must be true or false",
-                      errors=[{"field": "ordered", "message": "must be a boolean"}])
+        raise invalid_argument("ordered", "must be true or false", "must be a boolean")
 
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
     await response.prepare(request)

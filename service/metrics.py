@@ -121,6 +121,27 @@ class _TaskCollector(Collector):
         yield duration
 
 
+class RejectedRequests(Collector):
+    """`procbridge_rejected_requests_total{reason}`: requests refused for a missing or wrong key
+    (`unauthorized`) or over the rate (`rate-limited`). Plain counts, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts = {"unauthorized": 0, "rate-limited": 0}
+
+    def unauthorized(self) -> None:
+        self.counts["unauthorized"] += 1
+
+    def rate_limited(self) -> None:
+        self.counts["rate-limited"] += 1
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily("procbridge_rejected_requests", "Requests refused by API keys or rate limits",
+                                     labels=["reason"])
+        for reason, n in self.counts.items():
+            family.add_metric([reason], n)
+        yield family
+
+
 class Metrics:
     def __init__(self, pool: Callable[[], Executor | None]) -> None:
         self.registry = CollectorRegistry()

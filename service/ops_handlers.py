@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.app import SERVICE
 from service.openapi import build_openapi
-from service.task_handlers import json_response
+from service.responses import JSON_TYPE, json_response
+from service.state import SERVICE
 from workers.stats import BUSY, IDLE, STATE_NAMES
 
 
@@ -45,7 +45,7 @@ async def openapi(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if service.openapi_doc is None:
         service.openapi_doc = build_openapi(service.catalog, keys_required=bool(service.config.api_keys))
-    return web.Response(body=service.openapi_doc, content_type="application/json")
+    return web.Response(body=service.openapi_doc, content_type=JSON_TYPE)
 
 
 async def workers(request: web.Request) -> web.Response:

@@ -2,12 +2,14 @@
 
 Handlers raise `Problem`; the middleware here turns it (and aiohttp's own HTTP errors, and anything
 unexpected) into one response shape: {"type": "/problems/<slug>", "title", "status", "detail"}.
+The problems several places raise are built here, once each (`invalid_argument`, `draining`,
+`overloaded`, `from_pool_error`), so a slug, a header or a wording cannot drift between endpoints.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -94,7 +96,33 @@ class Problem(Exception):
         return response
 
 
-def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1) -> Problem:
+def invalid_arguments(detail: str, errors: list[dict[str, str]]) -> Problem:
+    """422 `invalid-arguments`: `errors` lists each faulty field as {"field", "message"}."""
+    return Problem(422, "invalid-arguments", detail, errors=errors)
+
+
+def invalid_argument(field: str, detail: str, message: str, *, more: Iterable[str] = ()) -> Problem:
+    """422 `invalid-arguments` for one field: the detail reads "<field>: <detail>", and `errors` lists
+    the field (and `more` fields with the same fault) with the short `message`."""
+    return invalid_arguments(f"{field}: {detail}", [{"field": f, "message": message} for f in (field, *more)])
+
+
+DRAINING = "the service is shutting down and takes no new work"
+
+
+def draining() -> Problem:
+    """503 `draining`: new work while the service shuts down. Retry-After 5: by then a load balancer
+    has taken this replica out (its /readyz answers 503), or the restarted one is up."""
+    return Problem(503, "draining", DRAINING, headers={"Retry-After": "5"})
+
+
+def overloaded(pending: int) -> Problem:
+    """503 `overloaded`: `pending` calls already wait for a worker. Retry-After 1: a queue drains fast."""
+    return Problem(503, "overloaded", f"{pending} tasks are already waiting for a worker; retry later",
+                   headers={"Retry-After": "1"})
+
+
+def from_pool_error(exc: PoolError, *, debug: bool = False) -> Problem:
     """The one place where a pool outcome becomes an HTTP status and slug."""
     if isinstance(exc, TaskFailed):
         extra: dict[str, Any] = {"exception": exc.exc_type}
@@ -106,9 +134,9 @@ def from_pool_error(exc: PoolError, *, debug: bool = False, retry_after: int = 1
     if isinstance(exc, TaskTimeout):
         return Problem(504, "task-timeout", str(exc))
     if isinstance(exc, Overloaded):
-        return Problem(503, "overloaded", str(exc), headers={"Retry-After": str(retry_after)})
+        return overloaded(exc.pending)
     if isinstance(exc, PoolClosed):
-        return Problem(503, "draining", str(exc), headers={"Retry-After": str(retry_after)})
+        return draining()
     return Problem(500, "internal-error", f"{type(exc).__name__}: {exc}")
 
 

@@ -1,8 +1,22 @@
 """Running the service: uvloop, aiohttp's runner on one TCP site, signals and a graceful drain.
 
-SIGTERM or SIGINT: /readyz turns 503 and new calls get 503 `draining` at once; admitted calls
-finish for up to --shutdown-grace seconds (a second signal cuts the grace short); then whatever is
-still running is killed (its callers get 503), the workers stop, connections close, exit code 0.
+One run is a sequence of named phases, all in `Server.run`, in this order:
+
+    _open   the app's resources open (aiohttp's runner.setup() enters its cleanup contexts: log
+            sinks, job store, executor, job runner, metrics timers; service/app.py)
+    _bind   one TCP site; the addresses it got are logged
+    _serve  until SIGTERM or SIGINT
+    _drain  /readyz turns 503 and new work gets 503 `draining` at once; the job runner claims no more
+            (queued jobs stay in the store for the next start); admitted calls finish for up to
+            --shutdown-grace seconds (a second signal cuts the grace short), then whatever is still
+            running is killed (its callers get 503)
+    _close  stop listening, close connections, then the resources in reverse order (the workers
+            stop); exit code 0. It runs whichever phase failed, so what was opened is closed.
+
+Signals are taken over before anything starts: one arriving while the pool starts would otherwise
+kill the service by signal (orphaned workers, a leaked /dev/shm segment) or, as a KeyboardInterrupt,
+leave it hung waiting for a forkserver its live workers keep open. Here it drains as soon as the
+start-up is over instead.
 """
 
 from __future__ import annotations
@@ -12,78 +26,103 @@ import contextlib
 import ipaddress
 import logging
 import signal
-import socket
 import sys
 
 import uvloop
 from aiohttp import web
 
-from service.app import SERVICE, create_app
+from service.app import create_app
 from service.config import Config
 from service.http_protocol import BACKLOG, RUNNER_LIMITS, GuardedAppRunner
+from service.state import SERVICE
 from workers.pool import stop_helper_processes
 
 log = logging.getLogger("procbridge")
 
 
-async def serve(config: Config) -> None:
-    # Take SIGTERM/SIGINT over before anything starts: one arriving while the pool starts would
-    # otherwise kill the service by signal (orphaned workers, a leaked /dev/shm segment) or, as a
-    # KeyboardInterrupt, leave it hung waiting for a forkserver its live workers keep open. Here
-    # it drains as soon as the start-up is over instead.
-    stop = asyncio.Event()
-    hurry = asyncio.Event()
-    loop = asyncio.get_running_loop()
+class Server:
+    """One run of the service on the running loop: `await Server(config).run()`."""
 
-    def on_signal(signame: str) -> None:
-        if stop.is_set():
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = asyncio.Event()  # first signal: drain
+        self._hurry = asyncio.Event()  # second signal: cut the grace short
+
+    async def run(self) -> None:
+        self._take_signals()
+        app = create_app(self.config)  # task modules imported, nothing opened yet
+        # GuardedAppRunner: aiohttp's AppRunner with problem+json for unparseable requests, a deadline for
+        # request heads and connection caps (service/http_protocol.py, which holds every limit).
+        runner = GuardedAppRunner(
+            app,
+            handle_signals=False,
+            handler_cancellation=True,  # a client that hangs up cancels its handler: queued work is dropped
+            shutdown_timeout=5.0,
+            **RUNNER_LIMITS,  # keep-alive, header sizes and count, lingering, read buffer, no auto-decompression
+            **app[SERVICE].runner_options(),  # the JSON access log (service/access_log.py), unless --access-log off
+        )
+        try:
+            await self._open(runner)
+            await self._bind(runner)
+            await self._serve()
+            await self._drain(app)
+        finally:
+            await self._close(runner)
+        log.info("procbridge stopped")
+
+    def _take_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig.name)
+
+    def _on_signal(self, signame: str) -> None:
+        if self._stop.is_set():
             log.warning("%s again: skipping the rest of the grace period", signame)
-            hurry.set()
+            self._hurry.set()
         else:
-            log.info("%s: draining (grace %g s)", signame, config.shutdown_grace)
-            stop.set()
+            log.info("%s: draining (grace %g s)", signame, self.config.shutdown_grace)
+            self._stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    app = create_app(config)
-    # GuardedAppRunner: aiohttp's AppRunner with problem+json for unparseable requests, a deadline for
-    # request heads and connection caps (service/http_protocol.py, which holds every limit).
-    runner = GuardedAppRunner(
-        app,
-        handle_signals=False,
-        handler_cancellation=True,  # a client that hangs up cancels its handler: queued work is dropped
-        shutdown_timeout=5.0,
-        **RUNNER_LIMITS,  # keep-alive, header sizes and count, lingering, read buffer, no auto-decompression
-        **app[SERVICE].runner_options(),  # the JSON access log (service/access_log.py), unless --access-log off
-    )
-    await runner.setup()  # the startup hooks: the worker pool starts here
-    try:
+    async def _open(self, runner: web.AppRunner) -> None:
+        await runner.setup()  # the app's cleanup contexts open, in order: the workers start here
+
+    async def _bind(self, runner: web.AppRunner) -> None:
+        config = self.config
         site = web.TCPSite(runner, config.host, config.port, backlog=BACKLOG, reuse_address=True)
         await site.start()
-        addresses = [s.getsockname() for s in _sockets(runner)]
+        addresses = runner.addresses
         bound = ", ".join(f"http://{a[0]}:{a[1]}" for a in addresses)
         log.info("procbridge listening on %s (%d workers)", bound, config.workers)
         if not config.api_keys and not all(_loopback(a[0]) for a in addresses):
             log.warning("listening on %s without API keys: anyone who can reach it can run tasks", config.host)
 
-        await stop.wait()
+    async def _serve(self) -> None:
+        await self._stop.wait()
+
+    async def _drain(self, app: web.Application) -> None:
         service = app[SERVICE]
-        service.draining = True
-        if service.jobs is not None:
-            service.jobs.stop_claiming()  # queued jobs stay in the store for the next start
-        if service.executor is not None:
-            drain = asyncio.ensure_future(service.executor.drain(config.shutdown_grace))
-            hurried = asyncio.ensure_future(hurry.wait())
-            await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
-            hurried.cancel()
-            if not drain.done():
-                drain.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await drain
-                await service.executor.aclose()
-    finally:
-        await runner.cleanup()  # stop listening, close connections, cleanup hooks (executor, metrics)
-    log.info("procbridge stopped")
+        service.stop_taking_work()
+        if service.executor is None:
+            return
+        drain = asyncio.ensure_future(service.executor.drain(self.config.shutdown_grace))
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not drain.done():
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            await service.executor.aclose()
+
+    async def _close(self, runner: web.AppRunner) -> None:
+        # Stop listening, close connections (up to shutdown_timeout), then the cleanup contexts in
+        # reverse order: metrics timers, job runner, executor, job store, log sinks. After a failed
+        # start only the contexts that opened are closed.
+        await runner.cleanup()
+
+
+async def serve(config: Config) -> None:
+    await Server(config).run()
 
 
 def _loopback(address: str) -> bool:
@@ -91,14 +130,6 @@ def _loopback(address: str) -> bool:
         return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
-
-
-def _sockets(runner: web.AppRunner) -> list[socket.socket]:
-    out: list[socket.socket] = []
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        out.extend(getattr(server, "sockets", None) or [])
-    return out
 
 
 def run(config: Config) -> int:

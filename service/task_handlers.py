@@ -10,23 +10,21 @@ buffer, and how a worker sees it, is the executor's business.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.app import SERVICE, Service
-from service.body import OCTET_STREAM, body_kind, expect_continue, parse_object, read_body, read_payload
-from service.problems import Problem, from_pool_error
-from service.validation import TaskEntry
+from service.admission import admit_or_refuse
+from service.body import body_kind, expect_continue, parse_object, read_body, read_payload
+from service.problems import Problem, from_pool_error, invalid_argument
+from service.responses import JSON_TYPE, bytes_response, json_response
+from service.state import SERVICE, Service
+from service.validation import TaskEntry, call_timeout
 from workers.errors import PoolError
-from workers.executor import CallOptions, PayloadBuffer
+from workers.executor import CallOptions
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JSON_TYPE = "application/json"
-_WRITE_CHUNK = 1024 * 1024  # a large result goes to the socket in slices of its buffer, no copy
 # A synchronous call: the result comes JSON-encoded by the worker, a large bytes result in a buffer.
 SYNC_CALL = CallOptions(encode_json=True, shared_result=True)
 
@@ -68,7 +66,7 @@ def task_caller(task: TaskEntry | None) -> Handler:
 
 async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -> web.StreamResponse:
     has_query = bool(request.query_string)  # most calls have none: no query parsing for them
-    timeout = parse_timeout(request.query.get("timeout"), service.config.task_timeout) if has_query else None
+    timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, text=True) if has_query else None
     kind = body_kind(request)
     admit_or_refuse(service)  # before reading the body: a refused call costs no buffering
     if kind == "json":
@@ -77,11 +75,8 @@ async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -
             body = await read_body(request, service.config.max_body)
         extra = sorted(set(request.query) - {"timeout"}) if has_query else None
         if extra:
-            raise Problem(
-                422, "invalid-arguments",
-                f"{extra[0]}: with a JSON body, arguments go in the body, not the query string",
-                errors=[{"field": f, "message": "given in the query string"} for f in extra],
-            )
+            raise invalid_argument(extra[0], "with a JSON body, arguments go in the body, not the query string",
+                                   "given in the query string", more=extra[1:])
         kwargs = service.catalog.validate_json(entry, parse_object(body))
         outcome = await run_task(service, entry.name, kwargs, timeout)
     else:
@@ -106,12 +101,8 @@ async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -
             orjson.dumps(round(outcome.elapsed * 1000, 3)), b"}",
         ))
         return web.Response(body=envelope, content_type=JSON_TYPE)
-    value = outcome.value
     headers = {"X-Procbridge-Worker": str(outcome.pid), "X-Procbridge-Elapsed-Ms": f"{outcome.elapsed * 1000:.3f}"}
-    if not isinstance(value, bytes):
-        return await stream_buffer(request, value, headers)
-    ctype = "image/png" if value[:8] == PNG_SIGNATURE else OCTET_STREAM
-    return web.Response(body=value, content_type=ctype, headers=headers)
+    return await bytes_response(request, outcome.value, headers)
 
 
 def buffered_body(request: web.Request, limit: int) -> bytes | None:
@@ -131,52 +122,6 @@ def buffered_body(request: web.Request, limit: int) -> bytes | None:
     return body
 
 
-async def stream_buffer(request: web.Request, buffer: PayloadBuffer, headers: dict[str, str]) -> web.StreamResponse:
-    """Send a result straight from the buffer it was written into, then release the buffer.
-
-    The transport keeps references to the slices it has not sent yet (uvloop does not copy), so the
-    buffer is released only once the transport's write buffer is empty (or the client is gone).
-    """
-    try:
-        view = buffer.buffer[: buffer.length]
-        response = web.StreamResponse(headers=headers)
-        response.content_type = "image/png" if view[:8] == PNG_SIGNATURE else OCTET_STREAM
-        response.content_length = len(view)
-        await response.prepare(request)
-        for start in range(0, len(view), _WRITE_CHUNK):
-            await response.write(view[start : start + _WRITE_CHUNK])
-        await _flushed(request)
-        await response.write_eof()
-        return response
-    finally:
-        buffer.release()
-
-
-async def _flushed(request: web.Request) -> None:
-    """Wait until the transport has handed everything written so far to the kernel."""
-    transport = request.transport
-    if transport is None or transport.is_closing() or not transport.get_write_buffer_size():
-        return
-    low, high = transport.get_write_buffer_limits()
-    transport.set_write_buffer_limits(high=0, low=0)  # pauses the writer until the buffer is empty
-    try:
-        await request.writer.drain()
-    finally:
-        if not transport.is_closing():
-            transport.set_write_buffer_limits(high=high, low=low)
-
-
-def admit_or_refuse(service: Service) -> None:
-    """503 at once while draining or when the admission queue is already full."""
-    executor = service.executor
-    if service.draining or executor is None or executor.closing:
-        raise Problem(503, "draining", "the service is shutting down and takes no new work",
-                      headers={"Retry-After": "5"})
-    if executor.pending >= executor.max_pending:
-        raise Problem(503, "overloaded", f"{executor.pending} tasks are already waiting for a worker; retry later",
-                      headers={"Retry-After": "1"})
-
-
 async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     """Call the executor; count a success (the caller counts problems); pool errors become problems.
 
@@ -191,23 +136,3 @@ async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout:
         raise from_pool_error(exc, debug=service.config.debug) from None
     service.metrics.observe(name, "ok", outcome.elapsed)
     return outcome
-
-
-def parse_timeout(raw: str | None, cap: float | None = None) -> float | None:
-    """A call's ?timeout= (422 unless a number of seconds > 0), at most `cap` (--task-timeout): a
-    client may shorten its call's timeout, never lengthen it past what the operator allows, or one
-    client could tie every worker up for as long as its tasks take (burn: an hour)."""
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise Problem(422, "invalid-arguments", f"timeout: must be a number of seconds > 0, got {raw!r}",
-                      errors=[{"field": "timeout", "message": "must be a number of seconds > 0"}])
-    return value if cap is None else min(value, cap)
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON_TYPE, headers=headers)

@@ -4,18 +4,21 @@ Validation happens here, in the service, before anything reaches a worker: unkno
 arguments are refused, types are checked strictly for JSON (no "5" for an int, no true for 1), and
 ranges declared with `Annotated[int, Interval(ge=..., le=...)]` (or pydantic's Field) are enforced.
 Query-string arguments of binary calls are strings by nature, so they are parsed leniently.
+A call's own timeout (`?timeout=`, a job's "timeout") is checked here too, by `call_timeout`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
 
-from service.problems import Problem
+from service.problems import Problem, invalid_argument, invalid_arguments
 from workers.registry import TaskSpec
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -95,8 +98,7 @@ class TaskCatalog:
         """Arguments from a JSON object -> keyword arguments for the task (422 if they do not fit).
         `where` names the field that holds them, for the 422 when they are not an object."""
         if not isinstance(args, dict):
-            raise Problem(422, "invalid-arguments", f"{where}: must be a JSON object of the task's arguments",
-                          errors=[{"field": where, "message": "must be a JSON object"}])
+            raise invalid_argument(where, "must be a JSON object of the task's arguments", "must be a JSON object")
         kwargs = _validate(entry.json_model, args)
         bp = entry.spec.bytes_param
         if bp is not None and isinstance(kwargs.get(bp), str):
@@ -112,10 +114,7 @@ class TaskCatalog:
                 f"task {entry.name!r} takes no binary input; send a JSON object (application/json)",
             )
         if bp in query:
-            raise Problem(
-                422, "invalid-arguments", f"{bp}: comes from the request body, not the query string",
-                errors=[{"field": bp, "message": "given in the query string"}],
-            )
+            raise invalid_argument(bp, "comes from the request body, not the query string", "given in the query string")
         kwargs = _validate(entry.query_model, dict(query))
         kwargs[bp] = body
         return kwargs
@@ -133,7 +132,7 @@ def _validate(model: type[BaseModel], args: dict[str, Any]) -> dict[str, Any]:
             for err in exc.errors(include_url=False, include_input=False)
         ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise Problem(422, "invalid-arguments", detail, errors=errors) from None
+        raise invalid_arguments(detail, errors) from None
 
 
 def _message(err: Any) -> str:
@@ -142,3 +141,26 @@ def _message(err: Any) -> str:
     if err["type"] == "missing":
         return "required argument is missing"
     return str(err["msg"])
+
+
+def call_timeout(raw: object, cap: float, *, text: bool = False) -> float | None:
+    """A call's own timeout in seconds, at most `cap` (--task-timeout); None when not given. The one
+    check for every way in: a job's "timeout" (`raw` a JSON number) and, with `text`, the `?timeout=`
+    of a call or a map (`raw` the query string's text, quoted in the 422's detail).
+
+    422 unless a number of seconds > 0. The cap: a client may shorten its call's timeout, never
+    lengthen it past what the operator allows, or one client could tie every worker up for as long
+    as its tasks take (burn: an hour)."""
+    if raw is None:
+        return None
+    value = math.nan  # unless a number of the right kind: 422 below
+    with contextlib.suppress(ValueError, OverflowError):
+        if isinstance(raw, str):
+            if text:  # from a query string; in JSON a string is no number
+                value = float(raw)
+        elif isinstance(raw, int | float) and not isinstance(raw, bool) and not text:
+            value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        got = f", got {raw!r}" if text else ""
+        raise invalid_argument("timeout", f"must be a number of seconds > 0{got}", "must be a number of seconds > 0")
+    return min(value, cap)

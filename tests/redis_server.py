@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import DEFAULT_REDIS_PREFIX
+from service.jobs.store import DEFAULT_REDIS_PREFIX
 from tests.conftest import free_port, wait_for
 
 

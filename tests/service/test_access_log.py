@@ -20,10 +20,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.access_log import AccessLogSink, AuditLog, IsoClock
-from service.app import SERVICE, create_app
+from service.app import create_app
 from service.auth import key_id
 from service.config import Config, RateLimit
 from service.problems import SLUG, Problem
+from service.state import SERVICE
 from tests.conftest import wait_until
 
 KEY_A = "alpha-0123456789abcdef0123456789"

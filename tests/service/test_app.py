@@ -20,8 +20,9 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import SERVICE, create_app
+from service.app import create_app
 from service.config import Config
+from service.state import SERVICE
 from tests.conftest import wait_until
 
 BUILTINS = {"primes", "burn", "sha256", "mandelbrot"}

@@ -1,4 +1,4 @@
-"""One suite for every JobStore implementation (service/store/base.py), run against SQLite (a file in a
+"""One suite for every JobStore implementation (service/jobs/store/base.py), run against SQLite (a file in a
 tmp dir) and Redis (a real redis-server on a free loopback port, started once for the session; each test
 gets its own key prefix)."""
 
@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.job_model import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, Job, new_job_id
-from service.store import DEFAULT_REDIS_PREFIX, open_store, split_prefix
-from service.store.base import JobStore
-from service.store.redis import RedisJobStore
-from service.store.sqlite import SQLiteJobStore
+from service.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, Job, new_job_id
+from service.jobs.store import DEFAULT_REDIS_PREFIX, open_store, split_prefix
+from service.jobs.store.base import JobStore
+from service.jobs.store.redis import RedisJobStore
+from service.jobs.store.sqlite import SQLiteJobStore
 from tests.conftest import ROOT
 from tests.redis_server import RedisServer, need_redis_server
 
@@ -424,8 +424,8 @@ async def test_job_survives_a_store_dropped_without_close(store_url: str) -> Non
 
 _CREATOR = """
 import asyncio, sys
-from service.job_model import Job, new_job_id
-from service.store import open_store
+from service.jobs.model import Job, new_job_id
+from service.jobs.store import open_store
 
 async def main() -> None:
     store = open_store(sys.argv[1])

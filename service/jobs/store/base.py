@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import abc
 import builtins
-from typing import Any
+import json
+from typing import Any, ClassVar
 
-from service.job_model import Job
+import orjson
+
+from service.jobs.model import Job
 
 
 class StoreUnavailable(RuntimeError):
@@ -29,6 +32,10 @@ class StoreUnavailable(RuntimeError):
 
 
 class JobStore(abc.ABC):
+    shared: ClassVar[bool] = False
+    """Whether several replicas may share this store: the runner then looks for jobs queued, cancelled
+    or orphaned by other replicas, and at start-up requeues only the running jobs whose lease ran out."""
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 
@@ -83,3 +90,19 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]:
         """Jobs by status (for metrics)."""
+
+
+def dumps_json(value: Any) -> bytes:
+    """JSON for a stored field: orjson, or the standard library for what orjson refuses (ints beyond 64 bits,
+    non-str keys). Such text starts with a space (still valid JSON) so `loads_json` reads it back with the
+    standard library too: orjson would turn big ints into floats."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return b" " + json.dumps(value, separators=(",", ":")).encode()
+
+
+def loads_json(data: bytes | str) -> Any:
+    if data[:1] in (b" ", " "):
+        return json.loads(data)
+    return orjson.loads(data)

@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
-from service.job_events import JobEvents
-from service.job_model import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from service.jobs.events import JobEvents
+from service.jobs.model import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from service.jobs.store.base import JobStore
 from service.problems import Problem, from_pool_error
-from service.store.base import JobStore
 from service.validation import TaskCatalog
 from workers.errors import PoolClosed, PoolError
 from workers.executor import CallOptions, Executor
@@ -231,5 +231,7 @@ class JobRunner:
     async def _flush_progress(self) -> None:
         pending, self._progress_pending = self._progress_pending, {}
         for job_id, progress in pending.items():
-            with contextlib.suppress(Exception):
+            try:
                 await self.store.set_progress(job_id, progress)
+            except Exception:  # progress is advisory: the job goes on, and the next report is stored
+                log.warning("could not store the progress of job %s", job_id, exc_info=True)

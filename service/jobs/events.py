@@ -3,7 +3,7 @@
 Each listener gets its own bounded queue, so several listeners on one job each see the whole stream
 and a slow listener cannot hold the runner back: when its queue is full, its oldest progress events
 are dropped (the latest progress is what matters), never status, result or error events. Listeners
-on another replica's job fall back to re-reading the store (see job_handlers.job_events).
+on another replica's job fall back to re-reading the store (see handlers.job_events).
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from service.job_model import CANCELLED, FINAL, QUEUED, STATUSES, Job
-from service.store import DEFAULT_REDIS_PREFIX, dumps_json, loads_json
-from service.store.base import JobStore, StoreUnavailable
+from service.jobs.model import CANCELLED, FINAL, QUEUED, STATUSES, Job
+from service.jobs.store.base import JobStore, StoreUnavailable, dumps_json, loads_json
+from service.jobs.store.url import DEFAULT_REDIS_PREFIX
 
 log = logging.getLogger("procbridge.jobs")
 
@@ -253,6 +253,8 @@ def _decode(flat: Sequence[Any] | Mapping[Any, Any]) -> Job:
 
 
 class RedisJobStore(JobStore):
+    shared = True  # the point of Redis here: several replicas share one store
+
     def __init__(self, url: str, *, prefix: str = DEFAULT_REDIS_PREFIX) -> None:
         self.url = url
         self.prefix = prefix

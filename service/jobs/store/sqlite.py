@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import dataclasses
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -27,9 +27,10 @@ from typing import Any
 
 import aiosqlite
 
-from service.job_model import CANCELLED, FINAL, QUEUED, RUNNING, STATUSES, Job
-from service.store import dumps_json, loads_json
-from service.store.base import JobStore
+from service.jobs.model import CANCELLED, FINAL, QUEUED, RUNNING, STATUSES, Job
+from service.jobs.store.base import JobStore, dumps_json, loads_json
+
+log = logging.getLogger("procbridge.jobs")
 
 MIN_SQLITE_VERSION = (3, 35, 0)  # UPDATE … RETURNING
 SCHEMA_VERSION = 1
@@ -155,8 +156,10 @@ class SQLiteJobStore(JobStore):
                 yield conn
                 await conn.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(Exception):  # keep the original error
+                try:
                     await conn.rollback()
+                except Exception:  # the original error is what the caller needs: raised below
+                    log.warning("could not roll back a failed transaction on %s", self.path, exc_info=True)
                 raise
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:

@@ -7,18 +7,20 @@ and only then answers 202: the 202 is the promise that the job will reach a fina
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from service.app import SERVICE, Service
+from service.admission import admit_job
 from service.body import body_kind, expect_continue, parse_object, read_body, refuse_unknown_fields
-from service.job_model import STATUSES, Job, new_job_id
-from service.problems import Problem
-from service.task_handlers import JSON_TYPE, PNG_SIGNATURE, json_response
+from service.jobs.model import STATUSES, Job, new_job_id
+from service.jobs.runner import JobRunner
+from service.problems import Problem, draining, invalid_argument
+from service.responses import bytes_response, json_response
+from service.state import SERVICE, Service
+from service.validation import call_timeout
 
 _MAX_KEY = 200
 _SSE_RECHECK = 1.0  # re-read the store this often while streaming (jobs run by another replica)
@@ -33,42 +35,31 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v1/jobs/{id}/events", job_events)
 
 
-def _jobs(service: Service) -> Any:
+def _jobs(service: Service) -> JobRunner:
+    """The job runner; 503 `draining` outside its life (before start-up, after shutdown)."""
     if service.jobs is None:
-        raise Problem(503, "draining", "the job store is not open", headers={"Retry-After": "5"})
+        raise draining()
     return service.jobs
 
 
 async def submit_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body_kind(request, binary_ok=False)
-    if service.draining:
-        raise Problem(503, "draining", "the service is shutting down and takes no new jobs",
-                      headers={"Retry-After": "5"})
+    admit_job(service)
     payload = parse_object(await read_body(request, service.config.max_body))
     refuse_unknown_fields(payload, ("task", "args", "timeout"), "a job")
     name = payload.get("task")
     if not isinstance(name, str):
-        raise Problem(422, "invalid-arguments", "task: required, the name of a task",
-                      errors=[{"field": "task", "message": "required string"}])
+        raise invalid_argument("task", "required, the name of a task", "required string")
     entry = service.catalog.get(name)
     args = payload.get("args", {})
     service.catalog.validate_json(entry, args, "args")  # refuse now what would fail later
-    timeout = payload.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
-    ):
-        raise Problem(422, "invalid-arguments", "timeout: must be a number of seconds > 0",
-                      errors=[{"field": "timeout", "message": "must be a number of seconds > 0"}])
+    timeout = call_timeout(payload.get("timeout"), service.config.task_timeout)  # as for a synchronous call
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= _MAX_KEY:
-        raise Problem(422, "invalid-arguments", f"Idempotency-Key: must be 1 to {_MAX_KEY} characters",
-                      errors=[{"field": "Idempotency-Key", "message": "bad length"}])
+        raise invalid_argument("Idempotency-Key", f"must be 1 to {_MAX_KEY} characters", "bad length")
     runner = _jobs(service)
-    if timeout is not None:  # at most --task-timeout, as for a synchronous call (see parse_timeout)
-        timeout = min(float(timeout), service.config.task_timeout)
-    job = Job(id=new_job_id(), task=name, args=args, timeout=float(timeout) if timeout else None,
-              idempotency_key=key)
+    job = Job(id=new_job_id(), task=name, args=args, timeout=timeout or None, idempotency_key=key)
     stored, created = await runner.store.create(job)
     if created:
         runner.notify()
@@ -90,27 +81,24 @@ async def get_job(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     status = request.query.get("status") or None
     if status is not None and status not in STATUSES:
-        raise Problem(422, "invalid-arguments", f"status: must be one of {', '.join(STATUSES)}",
-                      errors=[{"field": "status", "message": "unknown status"}])
+        raise invalid_argument("status", f"must be one of {', '.join(STATUSES)}", "unknown status")
     raw_limit = request.query.get("limit") or "100"  # `limit=` (empty) is the default, as `status=` is no filter
     try:
         limit = int(raw_limit)
     except ValueError:
         limit = 0
     if not 1 <= limit <= 1000:
-        raise Problem(422, "invalid-arguments", "limit: must be a whole number from 1 to 1000",
-                      errors=[{"field": "limit", "message": "must be from 1 to 1000"}])
+        raise invalid_argument("limit", "must be a whole number from 1 to 1000", "must be from 1 to 1000")
     jobs = await _jobs(request.app[SERVICE]).store.list(status, limit)
     return json_response({"jobs": [job.public() for job in jobs]})
 
 
-async def job_result(request: web.Request) -> web.Response:
+async def job_result(request: web.Request) -> web.StreamResponse:
     job = await _load(request)
     if job.status == "succeeded":
         if job.result_bytes is not None:
-            ctype = "image/png" if job.result_bytes[:8] == PNG_SIGNATURE else "application/octet-stream"
-            return web.Response(body=job.result_bytes, content_type=ctype)
-        return web.Response(body=orjson.dumps(job.result), content_type=JSON_TYPE)
+            return await bytes_response(request, job.result_bytes)
+        return json_response(job.result)
     if job.final:
         raise Problem(409, "job-failed", f"the job ended {job.status}; it has no result", error=job.error)
     raise Problem(409, "job-not-finished", f"the job is {job.status}; poll it or stream its events")
