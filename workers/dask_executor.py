@@ -46,21 +46,21 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from workers import dask_remote, registry
-from workers.dask_remote import (
-    CANCELLED,
-    CRASHED,
-    ERROR,
-    KIND_MAP,
-    KIND_TASK,
-    OK,
-    OK_JSON,
-    OK_MAP,
-    OK_VALUE,
-    TIMEOUT,
-)
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import LoopBoundExecutor, ProgressCallback
 from workers.pool import Outcome
+from workers.protocol import (
+    CALL_FUNCTION,
+    CALL_MAP,
+    CALL_TASK,
+    RESULT_CHUNK,
+    RESULT_ERROR,
+    RESULT_JSON,
+    RESULT_VALUE,
+    RUNNER_CANCELLED,
+    RUNNER_CRASHED,
+    RUNNER_TIMED_OUT,
+)
 from workers.stats import BUSY, IDLE, WorkerRow
 
 try:  # the plugin base class; dask is a runtime dependency, but keep the import error readable
@@ -300,7 +300,7 @@ class DaskExecutor(LoopBoundExecutor):
         kill_on_cancel: bool = False,
     ) -> Outcome:
         """Run registered task `task` on a Dask worker; same contract as WorkerPool.call."""
-        st = self._admit(KIND_TASK, task, timeout if timeout is not None else self.options.task_timeout)
+        st = self._admit(CALL_TASK, task, timeout if timeout is not None else self.options.task_timeout)
         st.progress = on_progress
         st.kill_on_cancel = kill_on_cancel
         result: Outcome = await self._run(st, kwargs, encode_json, on_progress is not None)
@@ -311,7 +311,7 @@ class DaskExecutor(LoopBoundExecutor):
     ) -> list[Outcome | TaskFailed]:
         """Run a task over several argument sets in one Dask task (a map chunk)."""
         st = self._admit(
-            KIND_MAP, task, timeout if timeout is not None else self.options.task_timeout * max(1, len(items))
+            CALL_MAP, task, timeout if timeout is not None else self.options.task_timeout * max(1, len(items))
         )
         result: list[Outcome | TaskFailed] = await self._run(st, items, True, False)
         return result
@@ -334,7 +334,7 @@ class DaskExecutor(LoopBoundExecutor):
     async def _run(self, st: _Call, payload: Any, encode: bool, want_progress: bool) -> Any:
         client = self._client
         try:
-            if st.kind == KIND_TASK:
+            if st.kind == CALL_TASK:
                 payload = await self._prepare(st, payload)
             spec = (st.id, st.kind, st.name, encode, want_progress, st.timeout, self._topic, self.modules,
                     self.options.isolate)
@@ -393,24 +393,25 @@ class DaskExecutor(LoopBoundExecutor):
             st.reports_wanted = reports
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(st.all_reports.wait(), 1.0)
-        if status == ERROR:
+        if status == RESULT_ERROR:
             self._settle(st, error=TaskFailed(*value))
-        elif status == TIMEOUT:
+        elif status == RUNNER_TIMED_OUT:
             self.restarts["timeout"] += 1
             self._settle(st, error=TaskTimeout(st.timeout))
-        elif status == CRASHED:
+        elif status == RUNNER_CRASHED:
             self.restarts["crashed"] += 1
             self._settle(st, error=WorkerCrashed(pid, value))
-        elif status == CANCELLED:
+        elif status == RUNNER_CANCELLED:
             self._settle(st, error=PoolClosed())
-        elif status == OK_MAP:
+        elif status == RESULT_CHUNK:
             self._settle(st, [
-                TaskFailed(*item) if item_status == ERROR else Outcome(item, pid, item_elapsed, item_status == OK_JSON)
+                TaskFailed(*item) if item_status == RESULT_ERROR
+                else Outcome(item, pid, item_elapsed, item_status == RESULT_JSON)
                 for item_status, item, item_elapsed in value
             ])
         else:
-            assert status in (OK, OK_JSON, OK_VALUE)
-            self._settle(st, Outcome(value, pid, elapsed, status == OK_JSON))
+            assert status in (RESULT_VALUE, RESULT_JSON)
+            self._settle(st, Outcome(value, pid, elapsed, status == RESULT_JSON))
 
     def _settle(self, st: _Call, value: Any = None, error: BaseException | None = None) -> bool:
         if st.done.done():
@@ -691,13 +692,13 @@ class DaskExecutor(LoopBoundExecutor):
         return future
 
     async def _run_function(self, blob: bytes) -> Any:
-        st = self._admit(KIND_TASK, "function", self.options.task_timeout)
+        st = self._admit(CALL_FUNCTION, "function", self.options.task_timeout)
         try:
             st.future = self._client.submit(dask_remote.run_function, blob, key=st.key, pure=False)
             status, value, _pid, _elapsed = await st.future
         finally:
             self._forget(st)
-        if status == ERROR:
+        if status == RESULT_ERROR:
             raise TaskFailed(*value)
         return value
 
