@@ -87,7 +87,8 @@ from workers.worker import main as worker_main
 _POLL = 0.05  # how often a waiting worker thread checks the deadline and whether the task was cancelled
 _RUNNER_START_TIMEOUT = 60.0
 _STOPPED_STATES = frozenset({"cancelled", "released", "forgotten", "error", "memory"})
-_IN_THREAD = Execution(pickle_values=False)  # isolate=thread: Dask serialises the results itself
+# isolate=thread: Dask serialises the results itself; the worker's threads run calls side by side
+_IN_THREAD = Execution(pickle_values=False, threads=True)
 
 # spec: (call_id, kind, task name, encode_json, want_progress, timeout, event topic, modules, isolate)
 Spec = tuple[int, int, str, bool, bool, "float | None", str, tuple[str, ...], str]

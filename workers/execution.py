@@ -81,9 +81,11 @@ class Execution:
     `pickle_values`: a result that is neither bytes, JSON nor a plain scalar is pickled here (True,
     the local wire: a value that will not pickle fails its own call only) or returned as is (False,
     Dask, which serialises it itself).
+    `threads`: calls run side by side in threads of this process (a Dask worker with isolate=thread),
+    so each call's progress sink is the thread's own, not the process's (workers/context.py).
     """
 
-    __slots__ = ("maps", "pickle_values", "segment_for", "threshold")
+    __slots__ = ("_set_sink", "maps", "pickle_values", "segment_for", "threshold")
 
     def __init__(
         self,
@@ -92,11 +94,13 @@ class Execution:
         threshold: int | None = None,
         segment_for: SegmentFor | None = None,
         pickle_values: bool = True,
+        threads: bool = False,
     ) -> None:
         self.maps = Mappings() if maps is None else maps
         self.threshold = threshold if segment_for is not None else None
         self.segment_for = segment_for
         self.pickle_values = pickle_values
+        self._set_sink = context.set_thread_sink if threads else context.set_sink
 
     def run(
         self,
@@ -112,7 +116,7 @@ class Execution:
         `shared`: some arguments are ShmRef handles. `progress`: the sink of the task's progress()
         reports while it runs (None: the caller does not want them)."""
         if progress is not None:
-            context.set_sink(progress)
+            self._set_sink(progress)
         views: list[memoryview] | None = None
         try:
             if kind == CALL_TASK:
@@ -130,7 +134,7 @@ class Execution:
             return RESULT_ERROR, describe_exception(exc)
         finally:
             if progress is not None:
-                context.set_sink(None)
+                self._set_sink(None)
             if views:
                 release(views)
 

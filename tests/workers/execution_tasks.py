@@ -4,6 +4,7 @@ the registry is process-wide and other test modules register in the same process
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from workers import progress, task
@@ -57,3 +58,15 @@ def ex_count(steps: int) -> int:
         progress(i, steps, f"{i}/{steps}")
     return steps
 
+
+GATE: threading.Barrier | None = None  # set by the test that runs side_by_side in two threads at once
+
+
+@task
+def ex_side_by_side(label: str) -> str:
+    """Report, wait until the other call has reported too, report completion."""
+    progress(1, 2, label)
+    assert GATE is not None
+    GATE.wait()
+    progress(2, 2, label)
+    return label

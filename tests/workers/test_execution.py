@@ -26,6 +26,7 @@ import orjson
 import pytest
 import uvloop
 
+from tests.workers import execution_tasks
 from workers import context, dask_remote, registry
 from workers.errors import TaskFailed
 from workers.execution import PROGRESS_EVERY, Execution, Progress, describe_exception
@@ -94,7 +95,7 @@ class InProcess:
         sink = _Collect()
         progress = Progress(sink.report, 1) if want_progress else None
         tag, value = self.execution.run(kind, name, payload, encode, False, 1, progress)
-        assert context._sink is None, "the progress sink outlived its call"
+        assert context._sink is None and getattr(context._threads, "sink", None) is None, "a sink outlived its call"
         return decoded(tag, value), sink.reports
 
     def close(self) -> None:
@@ -233,6 +234,31 @@ def test_progress_reports_are_normalised_and_rate_limited() -> None:
     time.sleep(PROGRESS_EVERY * 1.2)
     progress(True, None, 42)  # type: ignore[arg-type]  # whatever a task passes becomes plain data
     assert sent == [(7, (1.0, 10.0, "x" * 1000)), (7, (10.0, 10.0, None)), (7, (1.0, None, "42"))]
+
+
+def test_calls_side_by_side_in_threads_report_to_their_own_callers() -> None:
+    """A Dask worker with isolate=thread runs one call per thread at once: each call's reports must
+    reach its own caller, the last one (complete) included, however the calls interleave."""
+    registry.load(MODULES)
+    execution_tasks.GATE = threading.Barrier(2, timeout=10)  # both have reported once before either goes on
+    got: dict[str, list[tuple[int, Report]]] = {"a": [], "b": []}
+    outcomes: dict[str, tuple[int, Any]] = {}
+
+    def call(label: str, call_id: int) -> None:
+        progress = Progress(lambda i, report: got[label].append((i, report)), call_id)
+        outcomes[label] = dask_remote._IN_THREAD.run(CALL_TASK, "ex_side_by_side", {"label": label}, True, False,
+                                                     call_id, progress)
+
+    threads = [threading.Thread(target=call, args=(label, i)) for i, label in enumerate("ab", 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert outcomes == {"a": (RESULT_JSON, b'"a"'), "b": (RESULT_JSON, b'"b"')}
+    assert got == {
+        "a": [(1, (1.0, 2.0, "a")), (1, (2.0, 2.0, "a"))],
+        "b": [(2, (1.0, 2.0, "b")), (2, (2.0, 2.0, "b"))],
+    }
 
 
 def test_an_error_carries_its_traceback_for_debug_mode() -> None:
