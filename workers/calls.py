@@ -13,8 +13,8 @@ import concurrent.futures as cf
 from typing import TYPE_CHECKING, Any
 
 from workers.executor import ProgressCallback
+from workers.protocol import CALL_MAP
 from workers.shm import Lease
-from workers.worker import KIND_MAP
 
 if TYPE_CHECKING:
     from workers.handle import WorkerHandle
@@ -42,7 +42,7 @@ class Call:
         self.id = call_id
         self.kind = kind
         self.name = name
-        self.payload = payload  # KIND_TASK: the kwargs; KIND_FUNCTION: pickled (fn, args, kwargs)
+        self.payload = payload  # CALL_TASK: the kwargs; CALL_FUNCTION: pickled (fn, args, kwargs)
         self.encode = encode
         self.timeout = timeout
         self.waiter = waiter
@@ -58,7 +58,7 @@ class Call:
     def message(self) -> tuple[Any, ...]:
         if self.leases is None:
             return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None, False)
-        if self.kind == KIND_MAP:
+        if self.kind == CALL_MAP:
             payload: Any = [refs(item) for item in self.payload]
         else:
             payload = refs(self.payload)

@@ -1,4 +1,5 @@
-"""Length-prefixed pickle frames over a stream socket: the wire between the loop and a worker.
+"""Length-prefixed pickle frames over a stream socket: the wire between the loop and a worker (and
+between a Dask worker thread and its runner child). What the frames carry is workers/protocol.py.
 
 Written by hand because the stdlib's `multiprocessing.Connection` only offers blocking reads of one
 message, while the loop side must read whatever has arrived, without blocking, from its own read

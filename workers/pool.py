@@ -59,27 +59,26 @@ from workers.handle import WorkerHandle
 from workers.loop_future import LoopFuture
 from workers.processes import exit_code_of, kill_group, kill_tree, reap, stop_processes
 from workers.processes import stop_helper_processes as stop_helper_processes  # re-exported: the service's exit
+from workers.protocol import (
+    CALL_FUNCTION,
+    CALL_MAP,
+    CALL_TASK,
+    FORGET_SEGMENTS,
+    GRANT_SEGMENT,
+    PROGRESS_REPORT,
+    RESULT_CHUNK,
+    RESULT_ERROR,
+    RESULT_JSON,
+    RESULT_PICKLED,
+    RESULT_SHM,
+    RESULT_VALUE,
+    RETIRE_NOTICE,
+    SEGMENT_REQUEST,
+    WORKER_READY,
+)
 from workers.shm import Lease, Segment, SegmentPool, ShmRef, new_prefix, plan_budget
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
-from workers.worker import (
-    ALLOC,
-    ERROR,
-    FORGET,
-    GRANT,
-    KIND_FUNCTION,
-    KIND_MAP,
-    KIND_TASK,
-    OK,
-    OK_JSON,
-    OK_MAP,
-    OK_PICKLED,
-    OK_SHM,
-    PROGRESS,
-    READY,
-    RETIRE,
-    WorkerOptions,
-    rss_of,
-)
+from workers.worker import WorkerOptions, rss_of
 from workers.worker import main as worker_main
 
 log = logging.getLogger("procbridge.pool")
@@ -252,7 +251,7 @@ class WorkerPool(Executor):
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
         timeout = options.timeout
         call = Call(
-            next(self._ids), KIND_TASK, task, kwargs, options.encode_json,
+            next(self._ids), CALL_TASK, task, kwargs, options.encode_json,
             timeout if timeout is not None else self.options.task_timeout, waiter,
         )
         call.progress = options.on_progress
@@ -279,7 +278,7 @@ class WorkerPool(Executor):
         assert self._loop is not None, "start() the pool first"
         waiter: asyncio.Future[list[Outcome | TaskFailed]] = self._loop.create_future()
         call = Call(
-            next(self._ids), KIND_MAP, task, items, True,
+            next(self._ids), CALL_MAP, task, items, True,
             timeout if timeout is not None else self.options.task_timeout * max(1, len(items)), waiter,
         )
         segments = self.segments
@@ -320,7 +319,7 @@ class WorkerPool(Executor):
         leases: list[Lease] = []
         call.leases = leases  # released with the call, even if this is cancelled half-way
         try:
-            if call.kind == KIND_MAP:
+            if call.kind == CALL_MAP:
                 call.payload = [await self._share_kwargs(item, segments, leases) for item in call.payload]
             else:
                 call.payload = await self._share_kwargs(call.payload, segments, leases)
@@ -380,7 +379,7 @@ class WorkerPool(Executor):
         except Exception as exc:  # noqa: BLE001 - a lambda, a lock...: this call fails, nothing else
             future.set_exception(TaskFailed(type(exc).__name__, f"the call cannot be sent to a worker: {exc}"))
             return future
-        call = Call(next(self._ids), KIND_FUNCTION, name, blob, False, self.options.task_timeout, future)
+        call = Call(next(self._ids), CALL_FUNCTION, name, blob, False, self.options.task_timeout, future)
         if on_loop:
             self._admit_or_fail(call)
         else:
@@ -433,7 +432,7 @@ class WorkerPool(Executor):
         average = self._averages.get(call.name)
         if average is not None:
             call.short = average < _SHORT
-            call.est = average * len(call.payload) if call.kind == KIND_MAP else average
+            call.est = average * len(call.payload) if call.kind == CALL_MAP else average
         else:
             call.est = 1.0  # unknown: not short, so it is never pipelined and never has one behind it
         if not self._queue:
@@ -581,7 +580,7 @@ class WorkerPool(Executor):
 
     def _on_frame(self, w: WorkerHandle, frame: Any) -> None:
         if type(frame) is not list:
-            if frame == READY:
+            if frame == WORKER_READY:
                 w.ready = True
                 self._replacing.discard(w.slot)
                 if self._started is not None and all(x is not None and x.ready for x in self._workers):
@@ -594,13 +593,13 @@ class WorkerPool(Executor):
             return
         averages = self._averages
         for call_id, status, payload, elapsed in frame:
-            if status == PROGRESS:
+            if status == PROGRESS_REPORT:
                 self._progress(w, call_id, payload)
                 continue
-            if status == ALLOC:
+            if status == SEGMENT_REQUEST:
                 self._grant(w, call_id, payload)
                 continue
-            if status == RETIRE:  # it will exit once this frame is out: send it nothing more
+            if status == RETIRE_NOTICE:  # it will exit once this frame is out: send it nothing more
                 w.dying = w.dying or RETIRE_REASONS.get(payload, "retired")
                 self._replacing.add(w.slot)
                 if w.idle:
@@ -612,28 +611,28 @@ class WorkerPool(Executor):
             call = w.take(call_id)
             if call is None:
                 continue
-            if call.kind == KIND_MAP:  # the time per item is what says whether the task is short
+            if call.kind == CALL_MAP:  # the time per item is what says whether the task is short
                 elapsed /= max(1, len(call.payload))
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
             if call.leases is not None:
                 drop_leases(call.leases)  # the worker is done with its arguments
                 call.leases = None
-            if status == ERROR:
+            if status == RESULT_ERROR:
                 settle(call.waiter, error=TaskFailed(*payload))
                 if call.results is not None:
                     drop(call)
                 continue
-            if status == OK_SHM:
+            if status == RESULT_SHM:
                 payload = self._shared_result(call, payload, call.shared)
-            elif status == OK_MAP and call.results is not None:
+            elif status == RESULT_CHUNK and call.results is not None:
                 payload = [
-                    (OK, self._shared_result(call, value, False), item_elapsed) if item_status == OK_SHM
+                    (RESULT_VALUE, self._shared_result(call, value, False), item_elapsed) if item_status == RESULT_SHM
                     else (item_status, value, item_elapsed)
                     for item_status, value, item_elapsed in payload
                 ]
             if call.results is not None:
                 drop(call)  # granted but not used (the result was small after all, or failed)
-            if status == OK_PICKLED:
+            if status == RESULT_PICKLED:
                 try:
                     payload = pickle.loads(payload)
                 except BaseException as exc:  # noqa: BLE001 - not even SystemExit may escape into the loop
@@ -641,15 +640,15 @@ class WorkerPool(Executor):
                         type(exc).__name__, f"the task's result cannot be decoded by the service: {exc}"
                     ))
                     continue
-            if call.kind == KIND_FUNCTION:
+            if call.kind == CALL_FUNCTION:
                 settle(call.waiter, payload)
-            elif status == OK_MAP:
+            elif status == RESULT_CHUNK:
                 settle(call.waiter, [
-                    TaskFailed(*value) if item_status == ERROR
-                    else Outcome(value, w.pid, item_elapsed, item_status == OK_JSON)
+                    TaskFailed(*value) if item_status == RESULT_ERROR
+                    else Outcome(value, w.pid, item_elapsed, item_status == RESULT_JSON)
                     for item_status, value, item_elapsed in payload
                 ])
-            elif not settle(call.waiter, Outcome(payload, w.pid, elapsed, status == OK_JSON)) and type(
+            elif not settle(call.waiter, Outcome(payload, w.pid, elapsed, status == RESULT_JSON)) and type(
                 payload
             ) is Lease:
                 payload.release()  # nobody is waiting for it any more
@@ -690,7 +689,7 @@ class WorkerPool(Executor):
         self._send_grant(w, call.id, call, await segments.lease(size, "out"))
 
     def _send_grant(self, w: WorkerHandle, call_id: int, call: Call | None, lease: Lease | None) -> None:
-        """Answer an ALLOC (the worker waits for it): the segment, now the call's, or None."""
+        """Answer a SEGMENT_REQUEST (the worker waits for it): the segment, now the call's, or None."""
         if lease is not None:
             if call is None or w.eof or w.dying or not any(c is call for c in w.inflight):
                 lease.release()  # the call or its worker is gone meanwhile
@@ -701,13 +700,13 @@ class WorkerPool(Executor):
                     call.results = []
                 call.results.append(lease)
         if not w.eof:
-            self._write(w, *framing.dumps((GRANT, call_id, None if lease is None else lease.name)))
+            self._write(w, *framing.dumps((GRANT_SEGMENT, call_id, None if lease is None else lease.name)))
 
     def _forget(self, segment: Segment) -> None:
         """A segment was unlinked: the workers that may have it mapped unmap it (freeing its memory)."""
         for w in self._workers:
             if w is not None and w.pid in segment.mapped_by and not w.eof and not w.dying:
-                self._write(w, *framing.dumps((FORGET, [segment.name])))
+                self._write(w, *framing.dumps((FORGET_SEGMENTS, [segment.name])))
 
     @staticmethod
     def _progress(w: WorkerHandle, call_id: int, report: tuple[float, float | None, str | None]) -> None:

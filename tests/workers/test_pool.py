@@ -35,8 +35,8 @@ from workers.errors import PoolClosed, TaskFailed, WorkerCrashed
 from workers.executor import CallOptions
 from workers.handle import DEEP_WINDOW, WorkerHandle
 from workers.pool import _TINY, PoolOptions, WorkerPool
+from workers.protocol import CALL_TASK
 from workers.stats import BUSY, IDLE, WorkerTable
-from workers.worker import KIND_TASK
 
 
 @on_uvloop
@@ -191,7 +191,7 @@ def test_what_may_be_pipelined_into_a_window() -> None:
     """The rule behind the windows (WorkerHandle.fits), with the expected run times given."""
 
     def call(est: float | None) -> Call:
-        c = Call(1, KIND_TASK, "t", {}, False, None, cf.Future())
+        c = Call(1, CALL_TASK, "t", {}, False, None, cf.Future())
         c.short, c.est = (False, 1.0) if est is None else (est < 0.002, est)
         return c
 

@@ -2,7 +2,7 @@
 
 The service above does not change: it calls `await executor.call(name, kwargs, options)` as it does
 on the local pool, and gets the same Outcome or the same errors. Each call becomes one Dask task,
-`workers.dask_remote.run`, which runs the registered task by name on a Dask worker, so the task
+`workers.dask.remote.run`, which runs the registered task by name on a Dask worker, so the task
 modules (built-ins and `--tasks`) must be importable there (same image or checkout; the worker plugin
 imports them on every worker, and start-up refuses a cluster whose workers cannot).
 
@@ -13,7 +13,7 @@ imports them on every worker, and start-up refuses a cluster whose workers canno
     cluster.py   Cluster: the client, introduction (events, plugin, import probe), the scheduler's
                  workers every `refresh` s -> readiness, size, rows, /v1/workers, pids
     plugin.py    ProcbridgeTasks, the worker plugin (unpickled on the workers: kept light)
-    ../dask_remote.py   what the workers run: run(spec, payload), the runner children, events
+    remote.py    what the workers run: run(spec, payload), the runner children, events
 
 One call's path (calls ──▶, events ◀── ; the result comes straight from the worker, the events by
 way of the scheduler):
@@ -43,7 +43,7 @@ runner child (process), or the client kills the Dask worker, whose nanny starts 
 - Progress and start travel worker -> scheduler -> client as structured events on a topic of this
   executor (`Worker.log_event`, `Client.subscribe_topic`), the result worker -> client directly:
   that is why the answer waits for the reports the result says were sent.
-- Timeout and cancel really stop the work (see `dask_remote.py`): with isolate="process" (the
+- Timeout and cancel really stop the work (see `dask/remote.py`): with isolate="process" (the
   default) the task runs in a runner child of the Dask worker that the worker kills at the deadline
   or as soon as Dask cancels the task; with isolate="thread" the client restarts that Dask worker
   through its nanny. A client-side deadline (timeout + slack) backs both.

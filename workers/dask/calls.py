@@ -1,5 +1,5 @@
 """One call on the client side: its record while it is on the cluster (`DaskCall`), how what
-`workers.dask_remote.run` returned becomes its answer (`answer`), and the errors only a Dask call
+`workers.dask.remote.run` returned becomes its answer (`answer`), and the errors only a Dask call
 can end with.
 
 Kept apart from the executor so that the cluster view (`cluster.py`), which lists the calls running
@@ -12,9 +12,17 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.dask_remote import CANCELLED, CRASHED, ERROR, OK, OK_JSON, OK_MAP, OK_VALUE, TIMEOUT
 from workers.errors import ExecutorUnavailable, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import Outcome, ProgressCallback
+from workers.protocol import (
+    RESULT_CHUNK,
+    RESULT_ERROR,
+    RESULT_JSON,
+    RESULT_VALUE,
+    RUNNER_CANCELLED,
+    RUNNER_CRASHED,
+    RUNNER_TIMED_OUT,
+)
 
 
 class DaskUnavailable(ExecutorUnavailable):
@@ -37,7 +45,7 @@ class DaskCall:
     queued again after its worker left); `done` is what the caller awaits."""
 
     id: int
-    kind: int  # dask_remote.KIND_TASK or KIND_MAP
+    kind: int  # protocol.CALL_TASK, CALL_MAP or CALL_FUNCTION
     name: str
     timeout: float
     done: asyncio.Future[Any]
@@ -75,21 +83,22 @@ def answer(
 ) -> Outcome | list[Outcome | TaskFailed] | PoolError:
     """What the caller of `st` gets for a result of `dask_remote.run`: an Outcome (a list of them
     for a map chunk), or the error to raise (the same errors as the local pool's)."""
-    if status == ERROR:
+    if status == RESULT_ERROR:
         return TaskFailed(*value)
-    if status == TIMEOUT:
+    if status == RUNNER_TIMED_OUT:
         return TaskTimeout(st.timeout)
-    if status == CRASHED:
+    if status == RUNNER_CRASHED:
         return WorkerCrashed(pid, value)
-    if status == CANCELLED:
+    if status == RUNNER_CANCELLED:
         return PoolClosed()
-    if status == OK_MAP:
+    if status == RESULT_CHUNK:
         return [
-            TaskFailed(*item) if item_status == ERROR else Outcome(item, pid, item_elapsed, item_status == OK_JSON)
+            TaskFailed(*item) if item_status == RESULT_ERROR
+            else Outcome(item, pid, item_elapsed, item_status == RESULT_JSON)
             for item_status, item, item_elapsed in value
         ]
-    assert status in (OK, OK_JSON, OK_VALUE)
-    return Outcome(value, pid, elapsed, status == OK_JSON)
+    assert status in (RESULT_VALUE, RESULT_JSON)
+    return Outcome(value, pid, elapsed, status == RESULT_JSON)
 
 
 def as_plain(value: Any) -> Any:

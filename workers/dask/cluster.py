@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from workers import dask_remote
+from workers.dask import remote as dask_remote
 from workers.dask.calls import DaskCall
 from workers.dask.options import DaskOptions
 from workers.dask.plugin import ProcbridgeTasks, plugin_name

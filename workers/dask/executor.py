@@ -4,7 +4,7 @@ This module owns the calls: admission (refused at once while the cluster is unus
 `max_pending`), submitting each as one Dask task, collecting its answer, the client-side deadlines,
 and stopping remote work when a caller goes away or the service closes. The connection and the
 scheduler's view of the workers are `cluster.py`'s; what runs on the workers is
-`workers/dask_remote.py`. The package docstring (`workers/dask/__init__.py`) draws a call's path.
+`workers/dask/remote.py`. The package docstring (`workers/dask/__init__.py`) draws a call's path.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from workers import dask_remote
+from workers.dask import remote as dask_remote
 from workers.dask.calls import DaskCall, DaskUnavailable, DaskWorkerLost, answer, as_plain
 from workers.dask.cluster import Cluster
 from workers.dask.options import DaskOptions
-from workers.dask_remote import ERROR, KIND_MAP, KIND_TASK
 from workers.errors import Overloaded, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import PLAIN_CALL, CallOptions, Executor, Outcome
+from workers.protocol import CALL_FUNCTION, CALL_MAP, CALL_TASK, RESULT_ERROR
 from workers.stats import WorkerRow
 
 log = logging.getLogger("procbridge.dask")
@@ -79,7 +79,7 @@ class DaskExecutor(Executor):
         """Run registered task `task` on a Dask worker; same contract as WorkerPool.call (a bytes
         result always comes back as bytes: there is no shared memory here)."""
         timeout = options.timeout
-        st = self._admit(KIND_TASK, task, timeout if timeout is not None else self.options.task_timeout)
+        st = self._admit(CALL_TASK, task, timeout if timeout is not None else self.options.task_timeout)
         st.progress = options.on_progress
         st.kill_on_cancel = options.kill_on_cancel
         result: Outcome = await self._run(st, kwargs, options.encode_json, options.on_progress is not None)
@@ -90,7 +90,7 @@ class DaskExecutor(Executor):
     ) -> list[Outcome | TaskFailed]:
         """Run a task over several argument sets in one Dask task (a map chunk)."""
         st = self._admit(
-            KIND_MAP, task, timeout if timeout is not None else self.options.task_timeout * max(1, len(items))
+            CALL_MAP, task, timeout if timeout is not None else self.options.task_timeout * max(1, len(items))
         )
         result: list[Outcome | TaskFailed] = await self._run(st, items, True, False)
         return result
@@ -112,7 +112,7 @@ class DaskExecutor(Executor):
     async def _run(self, st: DaskCall, payload: Any, encode: bool, want_progress: bool) -> Any:
         client = self._cluster.client
         try:
-            if st.kind == KIND_TASK:
+            if st.kind == CALL_TASK:
                 payload = await self._prepare(st, payload)
             spec = (st.id, st.kind, st.name, encode, want_progress, st.timeout, self._topic, self.modules,
                     self.options.isolate)
@@ -355,12 +355,12 @@ class DaskExecutor(Executor):
         return future
 
     async def _run_function(self, blob: bytes) -> Any:
-        st = self._admit(KIND_TASK, "function", self.options.task_timeout)
+        st = self._admit(CALL_FUNCTION, "function", self.options.task_timeout)
         try:
             st.future = self._cluster.client.submit(dask_remote.run_function, blob, key=st.key, pure=False)
             status, value, _pid, _elapsed = await st.future
         finally:
             self._forget(st)
-        if status == ERROR:
+        if status == RESULT_ERROR:
             raise TaskFailed(*value)
         return value

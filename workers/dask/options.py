@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from workers.executor_url import ExecutorURL
 
 # "process": each call runs in a runner child of the Dask worker, killed at the deadline or on cancel;
-# "thread": in the Dask worker's thread, stopped by restarting that worker (see workers/dask_remote.py).
+# "thread": in the Dask worker's thread, stopped by restarting that worker (see workers/dask/remote.py).
 ISOLATION_MODES = ("process", "thread")
 
 

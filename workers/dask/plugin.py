@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from workers import dask_remote, registry
+from workers import registry
+from workers.dask import remote as dask_remote
 
 try:  # the plugin base class; dask is a runtime dependency, but keep the import error readable
     from distributed.diagnostics.plugin import WorkerPlugin

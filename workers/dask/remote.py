@@ -1,8 +1,21 @@
-"""What runs on the Dask workers for `--executor dask://...` (the client side is `dask_executor.py`).
+"""What runs on the Dask workers for `--executor dask://...` (the client side is the rest of `workers/dask/`).
 
 A call is one Dask task, `run(spec, payload)`, that runs a *registered* task by name: the task
 modules must be importable on every Dask worker (the same image, or the same checkout on
-PYTHONPATH). Two ways to run it, chosen by the service (`isolate`):
+PYTHONPATH). What the call does is workers/execution.py, as on the local pool; this module is only
+Dask's transport for it. Two ways to run it, chosen by the service (`isolate`):
+
+    Dask worker process                                         runner child (isolate=process)
+    ───────────────────                                         ──────────────────────────────
+    run(spec, payload) ── isolate=thread ─▶ Execution.run       (none)
+           │
+           └─ isolate=process ─▶ _RunnerPool.take ─▶ _Runner.call
+                                   │  [(call_id, CALL_*, ...)]  ──▶   workers.worker.main: the local
+                                   │  [(call_id, PROGRESS_REPORT)] ◀─  worker loop, no table, no
+                                   │  [(call_id, RESULT_*, ...)]  ◀─   shared memory, no limits
+                                   │  every 50 ms: past the deadline? cancelled by Dask?
+                                   └─ yes: SIGKILL its process group ─▶ RUNNER_TIMED_OUT / RUNNER_CANCELLED;
+                                           a replacement starts in the background
 
 - "process" (the default): the Dask worker thread takes an idle long-lived runner child process
   (a small pool per worker process, one runner per thread started ahead by the worker plugin;
@@ -16,10 +29,25 @@ PYTHONPATH). Two ways to run it, chosen by the service (`isolate`):
   thread cannot be stopped: the client enforces timeouts and cancels by restarting that Dask
   worker through its nanny (seconds of lost capacity; see docs/dask.md for the measured costs).
 
+A runner child *is* a local worker (`workers.worker.main`: the same frames, constants and loop), but
+the runner pool here cannot be the local pool (`workers/pool.py`), because:
+
+- a Dask worker is a daemonic multiprocessing child of its nanny (`distributed.worker.daemon`), and
+  multiprocessing refuses to start children from a daemonic process, so runners start with
+  subprocess (`python -m workers.dask.remote FD MODULES`), not the pool's forkserver;
+- the local pool is driven by an asyncio loop it owns and supervises through a shared-memory table
+  with a timer; here each Dask worker thread blocks in its task and must watch its one call itself
+  (deadline, Dask's cancel), so a runner is taken per call and watched by the thread that took it;
+- a runner must die with its Dask worker even mid-task (it polls its parent pid and kills its own
+  group), where a local worker is stopped by its pool; and Dask carries the data, so there is no
+  shared memory, no worker table, no batching, retirement or window to manage.
+
 Progress goes through Dask's structured events: `Worker.log_event(topic, msg)` on the worker, the
 scheduler forwards it to the client, which subscribed to `topic` (`Client.subscribe_topic`). The
 first event of every call says it started (with the pid running it and, added by the scheduler,
-the worker's address), which is how the client tells queued calls from running ones.
+the worker's address), which is how the client tells queued calls from running ones. Reports are
+throttled where the task runs (execution.Progress: in the thread, or in the runner child, whose
+reports the thread forwards as they come).
 
 This module is light on purpose: the runner children import it (and the task modules) but never
 dask or distributed.
@@ -40,31 +68,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
-from workers import context, registry
+from workers import registry
+from workers.execution import Execution, Progress, Report, describe_exception
 from workers.framing import BlockingFrames
-from workers.worker import describe_exception
+from workers.protocol import (
+    PROGRESS_REPORT,
+    RESULT_ERROR,
+    RESULT_PICKLED,
+    RESULT_VALUE,
+    RUNNER_CANCELLED,
+    RUNNER_CRASHED,
+    RUNNER_TIMED_OUT,
+    WORKER_READY,
+)
+from workers.worker import WorkerOptions
+from workers.worker import main as worker_main
 
-# Kinds of call (spec[1]).
-KIND_TASK = 0
-KIND_MAP = 2
-# Statuses of a result (first element of what `run` returns).
-OK = 0  # bytes
-ERROR = 1  # (exception type, message, traceback)
-OK_JSON = 2  # the value encoded as JSON bytes
-OK_VALUE = 3  # the value itself (calls made without encode_json)
-OK_MAP = 5  # [(status, value, elapsed), ...] of a map chunk
-TIMEOUT = 7  # the runner was killed at the deadline (value: the timeout)
-CRASHED = 8  # the runner died mid-task (value: its exit code)
-CANCELLED = 9  # Dask cancelled the task; the runner was killed
-# Frames from a runner child: ("ready",), ("progress", done, total, message), ("result", status, value, elapsed).
-_READY, _PROGRESS, _RESULT = "ready", "progress", "result"
-
-PROGRESS_EVERY = 0.05  # at most one progress report per call this often (the final one always goes)
 _POLL = 0.05  # how often a waiting worker thread checks the deadline and whether the task was cancelled
 _RUNNER_START_TIMEOUT = 60.0
 _STOPPED_STATES = frozenset({"cancelled", "released", "forgotten", "error", "memory"})
+# isolate=thread: Dask serialises the results itself; the worker's threads run calls side by side
+_IN_THREAD = Execution(pickle_values=False, threads=True)
 
 # spec: (call_id, kind, task name, encode_json, want_progress, timeout, event topic, modules, isolate)
 Spec = tuple[int, int, str, bool, bool, "float | None", str, tuple[str, ...], str]
@@ -74,9 +98,9 @@ Spec = tuple[int, int, str, bool, bool, "float | None", str, tuple[str, ...], st
 
 
 def run(spec: Spec, payload: Any) -> tuple[Any, ...]:
-    """The Dask task of one procbridge call. Returns (status, value, pid, elapsed, progress events
-    sent); never raises for anything the task does, so Dask's own retry machinery only ever sees
-    lost workers."""
+    """The Dask task of one procbridge call. Returns (tag, value, pid, elapsed, progress reports
+    sent), the tag a RESULT_* or RUNNER_* of workers/protocol.py; never raises for anything the task
+    does, so Dask's own retry machinery only ever sees lost workers."""
     from distributed import get_worker
 
     call_id, kind, name, encode, want_progress, timeout, topic, modules, isolate = spec
@@ -85,25 +109,30 @@ def run(spec: Spec, payload: Any) -> tuple[Any, ...]:
     emit = _Emitter(worker, topic, call_id)
     if isolate == "thread":
         emit.start(os.getpid())
-        return (*_run_here(kind, name, payload, encode, modules, emit if want_progress else None), emit.sent)
+        start = time.perf_counter()
+        registry.load(modules)
+        progress = Progress(emit.report, call_id) if want_progress else None
+        tag, value = _IN_THREAD.run(kind, name, payload, encode, False, call_id, progress)
+        return tag, value, os.getpid(), time.perf_counter() - start, emit.sent
     pool = _pool_for(modules)
     runner = pool.take()
     emit.start(runner.pid)
     try:
-        message = (kind, name, payload, encode, want_progress)
+        message = (call_id, kind, name, payload, encode, want_progress, False)
         return (*runner.call(message, timeout, emit, lambda: _cancelled(worker, key)), emit.sent)
     finally:
         pool.give(runner)
 
 
 def run_function(blob: bytes) -> tuple[Any, ...]:
-    """The Dask task of `DaskExecutor.submit`: an arbitrary pickled (fn, args, kwargs), in the worker thread."""
+    """The Dask task of `DaskExecutor.submit`: an arbitrary pickled (fn, args, kwargs), in the worker
+    thread; the value goes back as is (Dask serialises it)."""
     start = time.perf_counter()
     try:
         fn, args, kwargs = pickle.loads(blob)
-        return OK_VALUE, fn(*args, **kwargs), os.getpid(), time.perf_counter() - start
+        return RESULT_VALUE, fn(*args, **kwargs), os.getpid(), time.perf_counter() - start
     except BaseException as exc:  # noqa: BLE001 - a task's failure is a value for the caller
-        return ERROR, describe_exception(exc), os.getpid(), time.perf_counter() - start
+        return RESULT_ERROR, describe_exception(exc), os.getpid(), time.perf_counter() - start
 
 
 def kill_worker() -> None:
@@ -140,99 +169,18 @@ class _Emitter:
         self._worker = worker
         self._topic = topic
         self._id = call_id
-        self._last = 0.0
         self.sent = 0  # progress events sent: the client waits for all of them before it answers
 
     def start(self, pid: int) -> None:
         self._worker.log_event(self._topic, {"id": self._id, "kind": "start", "pid": pid})
 
-    def progress(self, done: float, total: float | None, message: str | None) -> None:
-        now = time.monotonic()
-        if now - self._last < PROGRESS_EVERY and not (total is not None and done >= total):
-            return
-        self._last = now
+    def report(self, call_id: int, report: Report) -> None:
+        """One progress report, already throttled and normalised where the task runs (execution.Progress)."""
+        done, total, message = report
         self.sent += 1
         self._worker.log_event(
-            self._topic,
-            {"id": self._id, "kind": "progress", "done": float(done),
-             "total": None if total is None else float(total),
-             "message": None if message is None else str(message)[:1000]},
+            self._topic, {"id": self._id, "kind": "progress", "done": done, "total": total, "message": message}
         )
-
-
-# -- running a task (in the Dask worker thread, or in a runner child) -------------------------------
-
-
-def _execute(kind: int, name: str, payload: Any, encode: bool) -> tuple[int, Any]:
-    """Run one task call or map chunk: (status, value), the task's exception as an ERROR outcome.
-    The one body of both ways a Dask worker runs a call (in its thread, or in a runner child)."""
-    try:
-        fn = _lookup(name)
-        if kind == KIND_MAP:
-            return OK_MAP, _run_chunk(fn, payload)
-        return encode_value(fn(**payload), encode)
-    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task outcomes too
-        return ERROR, describe_exception(exc)
-
-
-def _run_here(
-    kind: int, name: str, payload: Any, encode: bool, modules: tuple[str, ...], emit: _Emitter | None
-) -> tuple[Any, ...]:
-    start = time.perf_counter()
-    value: Any
-    if emit is not None:
-        context.set_sink(emit.progress)
-    try:
-        registry.load(modules)
-        status, value = _execute(kind, name, payload, encode)
-    finally:
-        if emit is not None:
-            context.set_sink(None)
-    return status, value, os.getpid(), time.perf_counter() - start
-
-
-def _run_chunk(fn: Callable[..., Any], items: list[dict[str, Any]]) -> list[tuple[int, Any, float]]:
-    out: list[tuple[int, Any, float]] = []
-    for kwargs in items:
-        start = time.perf_counter()
-        value: Any
-        try:
-            status, value = encode_value(fn(**kwargs), True)
-        except BaseException as exc:  # noqa: BLE001 - one item's failure is that item's result
-            status, value = ERROR, describe_exception(exc)
-        out.append((status, value, time.perf_counter() - start))
-    return out
-
-
-def encode_value(value: Any, encode: bool) -> tuple[int, Any]:
-    """Bytes stay bytes; with `encode` anything else becomes JSON here, on the worker."""
-    if type(value) is bytes:
-        return OK, value
-    if isinstance(value, bytearray | memoryview):
-        return OK, bytes(value)
-    if encode:
-        try:
-            return OK_JSON, orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
-        except orjson.JSONEncodeError as exc:
-            return ERROR, ("TypeError", f"the task's result is not JSON-serialisable: {exc}", "")
-    return OK_VALUE, value
-
-
-def _lookup(name: str) -> Callable[..., Any]:
-    spec = registry.get(name)
-    if spec is None:
-        raise LookupError(f"task {name!r} is not registered on this Dask worker")
-    param = spec.view_param
-    if param is None:
-        return spec.fn
-    fn = spec.fn
-
-    def with_view(**kwargs: Any) -> Any:  # a `memoryview` parameter gets a view of the bytes, as locally
-        if isinstance(kwargs.get(param), bytes | bytearray):
-            kwargs[param] = memoryview(kwargs[param]).toreadonly()
-        return fn(**kwargs)
-
-    return with_view
 
 
 # -- runner children (isolate="process") -----------------------------------------------------------
@@ -309,8 +257,9 @@ class _RunnerPool:
 
 
 class _Runner:
-    """One runner child: `python -m workers.dask_remote FD MODULES`, its own session and process
-    group, talking length-prefixed pickle frames over a socket pair. Used by one thread at a time."""
+    """One runner child: `python -m workers.dask.remote FD MODULES`, its own session and process
+    group, a local worker loop at the other end of a socket pair (the local pool's frames; unbuffered
+    here, since select() must see every frame arrive). Used by one thread at a time."""
 
     def __init__(self, modules: tuple[str, ...]) -> None:
         parent, child = socket.socketpair()
@@ -318,7 +267,7 @@ class _Runner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # what this worker can import
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.dask_remote", str(child.fileno()), ",".join(modules)],
+                [sys.executable, "-m", "workers.dask.remote", str(child.fileno()), ",".join(modules)],
                 pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         finally:
@@ -335,7 +284,7 @@ class _Runner:
 
     def _wait_ready(self) -> bool:
         ready, _, _ = select.select([self.sock], [], [], _RUNNER_START_TIMEOUT)
-        return bool(ready) and self.frames.recv() == (_READY,)
+        return bool(ready) and self.frames.recv() == WORKER_READY
 
     def usable(self) -> bool:
         return not self.dead and self.proc.poll() is None
@@ -343,33 +292,39 @@ class _Runner:
     def call(
         self, message: tuple[Any, ...], timeout: float | None, emit: _Emitter, cancelled: Callable[[], bool]
     ) -> tuple[Any, ...]:
+        """Run one call message (protocol.py's shape) in the child: (tag, value, pid, elapsed)."""
         start = time.perf_counter()
         deadline = time.monotonic() + timeout if timeout else None
         try:
-            self.frames.send(message)
+            self.frames.send([message])
         except OSError:
-            return CRASHED, self.stop(), self.pid, time.perf_counter() - start
+            return RUNNER_CRASHED, self.stop(), self.pid, time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - arguments that will not pickle fail this call only
             kind, text, tb = describe_exception(exc)
-            return ERROR, (kind, f"arguments cannot be sent to the task runner: {text}", tb), self.pid, 0.0
+            return RESULT_ERROR, (kind, f"arguments cannot be sent to the task runner: {text}", tb), self.pid, 0.0
         while True:
             wait = _POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))
             ready, _, _ = select.select([self.sock], [], [], wait)
             if ready:
                 frame = self.frames.recv()
                 if frame is None:  # the child died mid-task (segfault, os._exit, OOM kill)
-                    return CRASHED, self.stop(), self.pid, time.perf_counter() - start
-                if frame[0] == _PROGRESS:
-                    emit.progress(*frame[1:])
-                    continue
-                _, status, value, elapsed = frame
-                return status, value, self.pid, elapsed
+                    return RUNNER_CRASHED, self.stop(), self.pid, time.perf_counter() - start
+                for _call_id, tag, value, elapsed in frame:
+                    if tag == PROGRESS_REPORT:
+                        emit.report(_call_id, value)
+                        continue
+                    # A runner has no threshold and no limits: it never asks for a segment nor
+                    # retires, so any other row is the call's result.
+                    if tag == RESULT_PICKLED:
+                        tag, value = _unpickled(value)
+                    return tag, value, self.pid, elapsed
+                continue
             if deadline is not None and time.monotonic() >= deadline:
                 self.stop()
-                return TIMEOUT, timeout, self.pid, time.perf_counter() - start
+                return RUNNER_TIMED_OUT, timeout, self.pid, time.perf_counter() - start
             if cancelled():
                 self.stop()
-                return CANCELLED, None, self.pid, time.perf_counter() - start
+                return RUNNER_CANCELLED, None, self.pid, time.perf_counter() - start
 
     def stop(self) -> int | None:
         """SIGKILL the child's process group (what its task started goes too) and reap it."""
@@ -387,12 +342,21 @@ class _Runner:
         return code
 
 
+def _unpickled(blob: bytes) -> tuple[int, Any]:
+    """A value the runner pickled on its own, as the value itself (Dask sends it on to the client)."""
+    try:
+        return RESULT_VALUE, pickle.loads(blob)
+    except BaseException as exc:  # noqa: BLE001 - not even SystemExit may escape into the Dask worker
+        kind, text, tb = describe_exception(exc)
+        return RESULT_ERROR, (kind, f"the task's result cannot be decoded by the Dask worker: {text}", tb)
+
+
 # -- the runner child's side ------------------------------------------------------------------------
 
 
 def _child_main(fd: int, modules: tuple[str, ...]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on a terminal is the Dask worker's to handle
-    sock = socket.socket(fileno=fd)
+    """A runner child: the local worker loop, without a worker table, shared memory or limits, and
+    with a watch on its parent, since nobody else will stop it mid-task if the Dask worker dies."""
     parent = os.getppid()
 
     def orphan_watch() -> None:
@@ -404,46 +368,7 @@ def _child_main(fd: int, modules: tuple[str, ...]) -> None:
                 os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-    registry.load(modules)
-    frames = BlockingFrames(sock)
-    frames.send((_READY,))
-    while True:
-        message = frames.recv()
-        if message is None:
-            return
-        kind, name, payload, encode, want_progress = message
-        sink = _ChildProgress(frames) if want_progress else None
-        context.set_sink(sink)
-        start = time.perf_counter()
-        value: Any
-        try:
-            status, value = _execute(kind, name, payload, encode)
-        finally:
-            context.set_sink(None)
-        elapsed = time.perf_counter() - start
-        try:
-            frames.send((_RESULT, status, value, elapsed))
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        except BaseException as exc:  # noqa: BLE001 - a value that will not pickle fails this call only
-            kind_, text, tb = describe_exception(exc)
-            frames.send((_RESULT, ERROR, (kind_, f"the task's result cannot be sent back: {text}", tb), elapsed))
-
-
-class _ChildProgress:
-    """progress() inside a runner child: to the worker thread, at most every PROGRESS_EVERY s."""
-
-    def __init__(self, frames: BlockingFrames) -> None:
-        self._frames = frames
-        self._last = 0.0
-
-    def __call__(self, done: float, total: float | None, message: str | None) -> None:
-        now = time.monotonic()
-        if now - self._last < PROGRESS_EVERY and not (total is not None and done >= total):
-            return
-        self._last = now
-        self._frames.send((_PROGRESS, float(done), None if total is None else float(total),
-                           None if message is None else str(message)[:1000]))
+    worker_main(socket.socket(fileno=fd), WorkerOptions(slot=0, modules=modules, table_name="", table_slots=0))
 
 
 def _atexit() -> None:
