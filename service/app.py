@@ -102,7 +102,7 @@ async def job_store(app: web.Application) -> AsyncIterator[None]:
     """The job store named by --store (SQLite file or Redis), opened before any worker starts: an
     unreachable Redis stops start-up at once."""
     service = app[SERVICE]
-    store = open_store(service.config.store)
+    store = open_store(service.config.store_url)
     await store.open()
     service.store = store
     yield

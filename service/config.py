@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from service.converters import MIB, RateLimit, parse_rate
+from service.jobs.store.url import StoreURL, parse_store
 from service.settings import BY_NAME, DERIVE, SETTINGS, Derived, Setting, field_default
 from service.settings_docs import plain_help
-from service.store_url import StoreURL, parse_store
 from workers.cpus import available_cpus
 from workers.executor_url import ExecutorURL, parse_executor
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.store_url import parse_store
+from service.jobs.store.url import parse_store
 from workers.executor_url import parse_executor
 
 MIB = 1024 * 1024
@@ -137,7 +137,7 @@ def modules(s: str) -> tuple[str, ...]:
 
 
 def store(s: str) -> str:
-    """A SQLite file path or a Redis URL, checked by the one parser of store URLs (service/store_url.py);
+    """A SQLite file path or a Redis URL, checked by the one parser of store URLs (service/jobs/store/url.py);
     the Config keeps the text and its parsed form (`Config.store_url`)."""
     parse_store(s)
     return s

@@ -14,9 +14,9 @@ import pytest
 
 from service import converters
 from service.config import Config, ConfigError, load, parser
+from service.jobs.store.url import StoreURL
 from service.settings import BY_NAME, SETTINGS, Derived, Setting
 from service.settings_docs import plain_help
-from service.store_url import StoreURL
 from workers.cpus import available_cpus
 from workers.executor_url import ExecutorURL
 

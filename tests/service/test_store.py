@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, Job, new_job_id
-from service.jobs.store import DEFAULT_REDIS_PREFIX, open_store, split_prefix
+from service.jobs.store import DEFAULT_REDIS_PREFIX, open_store, parse_store
 from service.jobs.store.base import JobStore
 from service.jobs.store.redis import RedisJobStore
 from service.jobs.store.sqlite import SQLiteJobStore
@@ -512,7 +512,8 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     prefixed = open_store("redis://h:1/0?prefix=pb:&socket_timeout=5")
     assert isinstance(prefixed, RedisJobStore)
     assert prefixed.prefix == "pb:" and prefixed.url == "redis://h:1/0?socket_timeout=5"
-    assert split_prefix("unix:///tmp/r.sock?prefix=x:") == ("unix:///tmp/r.sock", "x:")
+    url = parse_store("unix:///tmp/r.sock?prefix=x:")
+    assert (url.location, url.prefix) == ("unix:///tmp/r.sock", "x:")
     for bad in ("", "postgres://db/jobs"):
         with pytest.raises(ValueError):
             open_store(bad)

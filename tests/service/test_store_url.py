@@ -1,10 +1,10 @@
-"""service.store_url: `--store` parsed once into a StoreURL (SQLite path, or Redis URL and key prefix)."""
+"""service.jobs.store.url: `--store` parsed once into a StoreURL (SQLite path, or Redis URL and key prefix)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.store_url import DEFAULT_REDIS_PREFIX, StoreURL, parse_store
+from service.jobs.store.url import DEFAULT_REDIS_PREFIX, StoreURL, parse_store
 
 
 def test_sqlite_paths():
@@ -32,16 +32,3 @@ def test_a_password_is_never_shown():
 def test_refused(text: str):
     with pytest.raises(ValueError, match="must be a SQLite file path or a redis:// URL"):
         parse_store(text)
-
-
-@pytest.mark.parametrize("text", ["redis://h:6379/0", "redis://:pw@h/1?prefix=x:&socket_timeout=3", "unix:///s?prefix="])
-def test_same_answer_as_the_stores_own_parsers(text: str):
-    """Until service/store takes a StoreURL, its split_prefix and public_url must agree with it."""
-    store = pytest.importorskip("service.store")
-    split_prefix = getattr(store, "split_prefix", None)
-    if split_prefix is None:
-        pytest.skip("service.store.split_prefix is gone: the store takes a StoreURL")
-    url = parse_store(text)
-    assert split_prefix(text) == (url.location, url.prefix)
-    redis_store = pytest.importorskip("service.store.redis")
-    assert redis_store.public_url(url.location) == url.public

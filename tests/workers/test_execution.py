@@ -31,7 +31,8 @@ from workers import context, registry
 from workers.dask import remote as dask_remote
 from workers.errors import TaskFailed
 from workers.execution import PROGRESS_EVERY, Execution, Progress, describe_exception
-from workers.pool import Outcome, PoolOptions, WorkerPool
+from workers.executor import CallOptions, Outcome
+from workers.pool import PoolOptions, WorkerPool
 from workers.protocol import (
     CALL_MAP,
     CALL_TASK,
@@ -142,7 +143,8 @@ class LocalPool:
                 if kind == CALL_MAP:
                     return ("chunk", [seen(item) for item in await self.pool.call_chunk(name, payload)])
                 on_progress = (lambda *report: reports.append(report)) if want_progress else None
-                return seen(await self.pool.call(name, payload, encode_json=encode, on_progress=on_progress))
+                options = CallOptions(encode_json=encode, on_progress=on_progress)
+                return seen(await self.pool.call(name, payload, options))
             except TaskFailed as exc:
                 return seen(exc)
 

@@ -1,8 +1,8 @@
 """Job stores: `open_store(url)` picks the implementation of `JobStore` (base.py) for a `--store` value.
 
 - a file path (the default `./procbridge.db`) -> `SQLiteJobStore`, one file, one replica;
-- `redis://…`, `rediss://…` or `unix://…` -> `RedisJobStore`, shared by several replicas (url.py says
-  how the URL is read, `prefix` included).
+- `redis://…`, `rediss://…` or `unix://…` -> `RedisJobStore`, shared by several replicas (url.py is
+  the one reader of the URL, `prefix` included).
 
 The caller awaits `.open()` on the store it gets, and `.close()` at the end. The backends are imported
 only when chosen, so a SQLite deployment never imports redis.
@@ -11,25 +11,22 @@ only when chosen, so a SQLite deployment never imports redis.
 from __future__ import annotations
 
 from service.jobs.store.base import JobStore, StoreUnavailable, dumps_json, loads_json
-from service.jobs.store.url import DEFAULT_REDIS_PREFIX, REDIS_SCHEMES, scheme, split_prefix
+from service.jobs.store.url import DEFAULT_REDIS_PREFIX, StoreURL, parse_store
 
 __all__ = [
-    "DEFAULT_REDIS_PREFIX", "JobStore", "StoreUnavailable", "dumps_json", "loads_json", "open_store", "split_prefix",
+    "DEFAULT_REDIS_PREFIX", "JobStore", "StoreURL", "StoreUnavailable", "dumps_json", "loads_json", "open_store",
+    "parse_store",
 ]
 
 
-def open_store(url: str) -> JobStore:
-    """The store for a `--store` value: a SQLite file path, or a Redis URL."""
-    if not url:
-        raise ValueError("the job store must be a SQLite file path or a redis:// URL")
-    kind = scheme(url)
-    if kind in REDIS_SCHEMES:
+def open_store(url: StoreURL | str) -> JobStore:
+    """The store for a `--store` value (as the Config parsed it, or as text): ValueError for anything
+    that is neither a SQLite file path nor a Redis URL."""
+    target = parse_store(url) if isinstance(url, str) else url
+    if target.kind == "redis":
         from service.jobs.store.redis import RedisJobStore
 
-        redis_url, prefix = split_prefix(url)
-        return RedisJobStore(redis_url, prefix=prefix)
-    if kind:
-        raise ValueError(f"unsupported job store {kind}://: use a SQLite file path or a redis:// URL")
+        return RedisJobStore(target.location, prefix=target.prefix)
     from service.jobs.store.sqlite import SQLiteJobStore
 
-    return SQLiteJobStore(url)
+    return SQLiteJobStore(target.location)

@@ -31,27 +31,18 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service.jobs.model import CANCELLED, FINAL, QUEUED, STATUSES, Job
 from service.jobs.store.base import JobStore, StoreUnavailable, dumps_json, loads_json
-from service.jobs.store.url import DEFAULT_REDIS_PREFIX
+from service.jobs.store.url import DEFAULT_REDIS_PREFIX, public_url
 
 log = logging.getLogger("procbridge.jobs")
 
 CONNECT_TIMEOUT = 10.0  # seconds to connect to Redis
 
-
-def public_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets, the port stays
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 _STR_FIELDS = frozenset({"id", "task", "status", "idempotency_key", "owner"})
 _FLOAT_FIELDS = frozenset({"timeout", "created_at", "started_at", "finished_at", "lease_until"})
