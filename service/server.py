@@ -21,7 +21,7 @@ from aiohttp import web
 from service.app import SERVICE, create_app
 from service.config import Config
 from service.http_protocol import BACKLOG, RUNNER_LIMITS, GuardedAppRunner
-from workers.pool import stop_helper_processes
+from workers.local.processes import stop_helper_processes
 
 log = logging.getLogger("procbridge")
 

@@ -1,6 +1,6 @@
 """`open_executor(url, settings)`: the executor a URL names, as `open_store(url)` gives the job store.
 
-    "local"                                  -> the supervised local pool (workers/pool.py)
+    "local"                                  -> the supervised local pool (workers/local/)
     "dask://HOST:PORT[?isolate=process|thread]" -> a Dask cluster (workers/dask_executor.py)
 
 The backends are imported only when named, so a service on the local pool never imports Dask, and
@@ -17,7 +17,7 @@ def open_executor(url: str, settings: ExecutorSettings) -> Executor:
     """The executor for `url`; ValueError for a URL no backend takes, RuntimeError when the backend's
     packages are missing. Nothing is started: `await executor.start()`."""
     if url == "local":
-        from workers.pool import PoolOptions, WorkerPool
+        from workers.local.pool import PoolOptions, WorkerPool
 
         return WorkerPool(PoolOptions.from_settings(settings))
     if url.startswith("dask://"):

@@ -16,7 +16,7 @@ import psutil
 import uvloop
 
 from tests.conftest import wait_until
-from workers.pool import PoolOptions, WorkerPool
+from workers.local.pool import PoolOptions, WorkerPool
 
 FAULTS = "tests.workers.fault_tasks"
 

@@ -19,7 +19,7 @@ import pytest
 from tests.workers.pool_harness import alive, on_uvloop, open_pool, wait_for_file, wait_until
 from workers.errors import TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions
-from workers.pool import WorkerPool
+from workers.local.pool import WorkerPool
 from workers.shm import Lease, SegmentPool, size_class
 
 SHM = Path("/dev/shm")

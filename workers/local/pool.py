@@ -52,13 +52,12 @@ from types import FunctionType
 from typing import Any
 
 from workers import framing
-from workers.calls import Call, claim, drop, drop_leases, settle
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed, describe_exit
 from workers.executor import PLAIN_CALL, CallOptions, Executor, ExecutorSettings, Outcome
-from workers.handle import WorkerHandle
-from workers.loop_future import LoopFuture
-from workers.processes import exit_code_of, kill_group, kill_tree, reap, stop_processes
-from workers.processes import stop_helper_processes as stop_helper_processes  # re-exported: the service's exit
+from workers.local.calls import Call, claim, drop, drop_leases, settle
+from workers.local.handle import WorkerHandle
+from workers.local.loop_future import LoopFuture
+from workers.local.processes import exit_code_of, kill_group, kill_tree, reap, stop_processes
 from workers.shm import Lease, Segment, SegmentPool, ShmRef, new_prefix, plan_budget
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerRow, WorkerTable
 from workers.worker import (
@@ -518,14 +517,16 @@ class WorkerPool(Executor):
     def _abandon(self, call: Call) -> None:
         """The caller stopped waiting: drop the call if it is still queued, and, where the pool is
         told to, stop it if it is running (calls already in a worker's window run anyway)."""
-        w = call.worker
-        if w is None:
+        holder = call.worker
+        if holder is None:
             with contextlib.suppress(ValueError):
                 self._queue.remove(call)
                 drop(call)
             self._check_quiet()
-        elif (self.options.cancel_running or call.kill_on_cancel) and self._running_call(w) == call.id:
-            self._kill(w, "cancelled")
+        elif self.options.cancel_running or call.kill_on_cancel:
+            w = self._workers[holder.slot]
+            if w is not None and w is holder and self._running_call(w) == call.id:
+                self._kill(w, "cancelled")
 
     def _running_call(self, w: WorkerHandle) -> int | None:
         if self._table is None:

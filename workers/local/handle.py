@@ -17,7 +17,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from workers import framing
-from workers.calls import Call
+from workers.local.calls import Call
 
 DEEP_WINDOW = 16  # a worker's window may grow to this many calls when they are all tiny...
 DEEP_BUDGET = 0.001  # ...as long as the work they are expected to take stays under this (seconds)

@@ -1,0 +1,1 @@
+"""The local executor: a supervised pool of worker processes on this machine (`WorkerPool`, pool.py)."""
