@@ -20,7 +20,7 @@ _PROCESS = re.compile(r'^process (?P<pid>\d+):"(?P<cmd>.*?)"(?:;|$)')
 # (area, substrings of a frame's file): the first match wins, checked from the innermost frame out
 AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wire: framing and pickling (workers/framing.py)", ("workers/framing.py",)),
-    ("dispatch: pool bookkeeping (workers/pool.py)", ("workers/pool.py",)),
+    ("dispatch: pool bookkeeping (workers/local/)", ("workers/local/",)),
     ("metrics (prometheus_client, service/metrics.py)", ("prometheus_client/", "service/metrics.py")),
     ("validation (pydantic, service/validation.py)", ("pydantic", "service/validation.py")),
     ("JSON, bodies and problems (service/body.py, problems.py)",

@@ -495,7 +495,7 @@ def _profile_summary(lp: dict[str, Any], wp: dict[str, Any]) -> str:
     metrics = _share(areas, "metrics")
     text = (f"**Reading it:** in the event-loop process, the HTTP side (uvloop's socket I/O and polling, aiohttp's "
             f"parsing, routing and response writing, the handler) takes {http:.0f}% of the samples, the pool's "
-            f"dispatch and wire (workers/pool.py, workers/framing.py) {pool:.0f}%, argument validation "
+            f"dispatch and wire (workers/local/, workers/framing.py) {pool:.0f}%, argument validation "
             f"{validation:.0f}% and metrics {metrics:.0f}%. Next to what `/healthz` costs, a no-op call adds a body "
             "read, a validation, a frame to a worker and one back: two more socket syscalls and at least one "
             "more loop wake-up per request.")

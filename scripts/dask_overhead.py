@@ -35,7 +35,8 @@ import uvloop
 
 from workers.errors import TaskTimeout
 from workers.executor import CallOptions
-from workers.pool import PoolOptions, WorkerPool, stop_helper_processes
+from workers.local.pool import PoolOptions, WorkerPool
+from workers.local.processes import stop_helper_processes
 
 TASK, ARGS = "primes", {"limit": 10}
 

@@ -28,7 +28,8 @@ from typing import Any
 import uvloop
 
 from workers.builtin_tasks import primes
-from workers.pool import PoolOptions, WorkerPool, stop_helper_processes
+from workers.local.pool import PoolOptions, WorkerPool
+from workers.local.processes import stop_helper_processes
 
 
 async def measure(call: Callable[[], Awaitable[object]], calls: int, concurrency: int) -> tuple[float, float]:

@@ -46,7 +46,8 @@ import uvloop
 
 from workers import task
 from workers.executor import CallOptions
-from workers.pool import PoolOptions, WorkerPool, stop_helper_processes
+from workers.local.pool import PoolOptions, WorkerPool
+from workers.local.processes import stop_helper_processes
 
 MIB = 1024 * 1024
 

@@ -35,7 +35,7 @@ from service.app import create_app
 from service.config import Config
 from service.http_protocol import BACKLOG, RUNNER_LIMITS, GuardedAppRunner
 from service.state import SERVICE
-from workers.pool import stop_helper_processes
+from workers.local.processes import stop_helper_processes
 
 log = logging.getLogger("procbridge")
 

@@ -21,7 +21,7 @@ def open_executor(url: ExecutorURL | str, settings: ExecutorSettings) -> Executo
     packages are missing. Nothing is started: `await executor.start()`."""
     target = parse_executor(url) if isinstance(url, str) else url
     if target.kind == "local":
-        from workers.pool import PoolOptions, WorkerPool
+        from workers.local.pool import PoolOptions, WorkerPool
 
         return WorkerPool(PoolOptions.from_settings(settings))
     try:

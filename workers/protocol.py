@@ -1,7 +1,7 @@
 """The wire between the service and the processes that run its tasks: every constant, one meaning each.
 
 Two transports carry the same messages. The local pool talks to its worker processes over a socket
-pair (workers/pool.py <-> workers/worker.py, frames from workers/framing.py); the Dask executor
+pair (workers/local/ <-> workers/worker.py, frames from workers/framing.py); the Dask executor
 hands a call to a Dask worker as a Dask task (workers/dask/executor.py -> workers/dask/remote.py),
 which by default passes it on to a runner child that is a local worker loop (same frames as above).
 Both run the call with workers/execution.py, so a call's kind and a result's tag mean the same thing

@@ -1,6 +1,6 @@
 """The loop inside each worker process: receive a batch of calls, run them, send the outcomes.
 
-    service (workers/pool.py)              this process
+    service (workers/local/pool.py)        this process
     ─────────────────────────              ────────────
     frame: [call, call, ...]      ──▶      _Link.receive ─▶ pending
                                                               │ one at a time

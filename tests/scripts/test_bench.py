@@ -158,7 +158,7 @@ def test_py_spy_raw_profiles_are_split_per_process():
     raw = [
         'process 10:"python -m service serve";run (uvloop/__init__.py:96);Runner.run (asyncio/runners.py:118) 40',
         'process 10:"python -m service serve";run (uvloop/__init__.py:96);Runner.run (asyncio/runners.py:118);'
-        "call_task (service/task_handlers.py:40);WorkerPool.call (workers/pool.py:300) 10",
+        "call_task (service/task_handlers.py:40);WorkerPool.call (workers/local/pool.py:300) 10",
         'process 10:"python -m service serve";process 11:"python -c from x import main; main(1, 2)";'
         "main (workers/worker.py:10);BlockingFrames._recv_exact (workers/framing.py:120) 30",
         'process 10:"python -m service serve";process 12:"python -c from x import main; main(1, 2)";'
@@ -168,7 +168,7 @@ def test_py_spy_raw_profiles_are_split_per_process():
     assert {pid: p.samples for pid, p in profiles.items()} == {10: 50, 11: 30, 12: 20}
     main, workers = split_service(profiles, 10)
     assert main is not None and workers is not None
-    assert main.self_time["WorkerPool.call (workers/pool.py)"] == 10
+    assert main.self_time["WorkerPool.call (workers/local/pool.py)"] == 10
     assert main.inclusive["call_task (service/task_handlers.py)"] == 10
     assert any(a.startswith("dispatch") and n == 10 for a, n in main.areas.items())
     assert any(a.startswith("event loop itself") and n == 40 for a, n in main.areas.items())

@@ -16,7 +16,7 @@ import psutil
 import uvloop
 
 from tests.conftest import wait_until
-from workers.pool import PoolOptions, WorkerPool
+from workers.local.pool import PoolOptions, WorkerPool
 
 FAULTS = "tests.workers.fault_tasks"
 
@@ -68,8 +68,9 @@ class PidWatch:
 
 
 def shm_path(pool: WorkerPool) -> Path:
-    assert pool._table is not None, "the pool is not started"
-    return Path("/dev/shm") / pool._table.name.lstrip("/")
+    table = pool._state.table
+    assert table is not None, "the pool is not started"
+    return Path("/dev/shm") / table.name.lstrip("/")
 
 
 @contextlib.asynccontextmanager

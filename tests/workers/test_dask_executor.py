@@ -252,7 +252,7 @@ async def test_separate_scheduler_and_worker_processes(tmp_path: Path) -> None:
 def test_open_executor_selects_by_url() -> None:
     from service.config import Config
     from workers.backends import open_executor
-    from workers.pool import WorkerPool
+    from workers.local.pool import WorkerPool
 
     dask = open_executor("dask://127.0.0.1:8786?isolate=thread", Config(workers=2, max_pending=3))
     assert isinstance(dask, DaskExecutor) and isinstance(dask, Executor)

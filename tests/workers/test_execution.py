@@ -32,7 +32,7 @@ from workers.dask import remote as dask_remote
 from workers.errors import TaskFailed
 from workers.execution import PROGRESS_EVERY, Execution, Progress, describe_exception
 from workers.executor import CallOptions, Outcome
-from workers.pool import PoolOptions, WorkerPool
+from workers.local.pool import PoolOptions, WorkerPool
 from workers.protocol import (
     CALL_MAP,
     CALL_TASK,

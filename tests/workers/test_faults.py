@@ -39,7 +39,7 @@ from tests.workers.pool_harness import (
 )
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions
-from workers.pool import WorkerPool
+from workers.local.pool import WorkerPool
 
 BYSTANDERS = 10  # short calls: some pipelined behind the culprit, the others in the other worker's window or queued
 

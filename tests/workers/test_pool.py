@@ -30,11 +30,11 @@ from tests.workers.pool_harness import (
     wait_until,
     whole,
 )
-from workers.calls import Call
 from workers.errors import PoolClosed, TaskFailed, WorkerCrashed
 from workers.executor import CallOptions
-from workers.handle import DEEP_WINDOW, WorkerHandle
-from workers.pool import _TINY, PoolOptions, WorkerPool
+from workers.local.calls import Call
+from workers.local.handle import DEEP_WINDOW, WorkerHandle
+from workers.local.pool import _TINY, PoolOptions, WorkerPool
 from workers.protocol import CALL_TASK
 from workers.stats import BUSY, IDLE, WorkerTable
 

@@ -19,7 +19,7 @@ import pytest
 from tests.workers.pool_harness import alive, on_uvloop, open_pool, wait_for_file, wait_until
 from workers.errors import TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions
-from workers.pool import WorkerPool
+from workers.local.pool import WorkerPool
 from workers.shm import Lease, SegmentPool, size_class
 
 SHM = Path("/dev/shm")
@@ -269,19 +269,21 @@ async def test_a_result_nobody_waits_for_any_more_is_released(tmp_path: Path) ->
 async def test_a_worker_killed_after_its_result_segment_was_granted_releases_it(tmp_path: Path) -> None:
     async with open_pool(workers=1, modules=TASKS) as (pool, watch):
         granted: list[Any] = []
-        original = pool._send_grant
+        broker = pool._broker
+        assert broker is not None
+        original = broker.send_grant
 
         def grant_then_kill(w: Any, call_id: int, call: Any, lease: Lease | None) -> None:
             original(w, call_id, call, lease)
             granted.append(lease)
             os.kill(w.pid, signal.SIGKILL)  # while it writes the result, or just before
 
-        pool._send_grant = grant_then_kill  # type: ignore[method-assign]
+        broker.send_grant = grant_then_kill  # type: ignore[method-assign]
         with pytest.raises(WorkerCrashed):
             await pool.call("make_bytes", {"size": 8 * MIB})
         assert granted and granted[0] is not None and granted[0].released
         await wait_until(lambda: settled(pool), 5, "the granted segment to be released")
-        pool._send_grant = original  # type: ignore[method-assign]
+        broker.send_grant = original  # type: ignore[method-assign]
         await wait_until(lambda: pool.alive == 1, 5, "the replacement")
         watch.sample()
         assert (await pool.call("make_bytes", {"size": 2 * MIB, "fill": 1})).value == bytes([1]) * 2 * MIB

@@ -30,7 +30,7 @@ Dask's transport for it. Two ways to run it, chosen by the service (`isolate`):
   worker through its nanny (seconds of lost capacity; see docs/dask.md for the measured costs).
 
 A runner child *is* a local worker (`workers.worker.main`: the same frames, constants and loop), but
-the runner pool here cannot be the local pool (`workers/pool.py`), because:
+the runner pool here cannot be the local pool (`workers/local/`), because:
 
 - a Dask worker is a daemonic multiprocessing child of its nanny (`distributed.worker.daemon`), and
   multiprocessing refuses to start children from a daemonic process, so runners start with

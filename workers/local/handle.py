@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import pickle
 import socket
 from collections import deque
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from workers import framing
-from workers.calls import Call
+from workers.errors import TaskFailed
+from workers.local.calls import Call, drop, settle
 
 DEEP_WINDOW = 16  # a worker's window may grow to this many calls when they are all tiny...
 DEEP_BUDGET = 0.001  # ...as long as the work they are expected to take stays under this (seconds)
@@ -97,6 +99,21 @@ class WorkerHandle:
         if not self.inflight:
             self.load = 0.0
             self.longs = 0
+
+    def dumps_sendable(self, messages: list[tuple[Any, ...]]) -> tuple[bytes, bytes]:
+        """The frame of `messages` without those that will not pickle (an argument that cannot be
+        sent): each of those fails its own call, which leaves the window."""
+        good = []
+        for message in messages:
+            try:
+                pickle.dumps(message, protocol=5)
+                good.append(message)
+            except Exception as exc:  # noqa: BLE001
+                for call in [c for c in self.inflight if c.id == message[0]]:
+                    self.unassign(call)
+                    settle(call.waiter, error=TaskFailed(type(exc).__name__, f"arguments cannot be sent: {exc}"))
+                    drop(call)
+        return framing.dumps(good)
 
     def write(self, loop: asyncio.AbstractEventLoop, header: bytes, payload: bytes) -> None:
         """Send one frame: at once if the socket takes it, else the rest when it becomes writable."""

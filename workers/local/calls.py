@@ -1,26 +1,32 @@
-"""One call's record on the loop side, its outcome, and how its waiter is completed.
+"""One call's record on the loop side, and how its waiter is completed.
 
 `Call` is what the pool queues and hands to a worker's window; `settle` completes its waiter (an
 asyncio future for `WorkerPool.call`, a concurrent one for `submit`) unless its caller already gave
 up, and `drop` releases the shared-memory segments it holds. (Its Outcome is the seam's type:
 `workers.executor.Outcome`.)
+
+A call remembers the worker whose window holds it only as a `Holder` (its slot): handle.py builds
+on this module, so this one must not import handle.py back, not even for type checking.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from workers.executor import ProgressCallback
 from workers.protocol import CALL_MAP
 from workers.shm import Lease
 
-if TYPE_CHECKING:
-    from workers.handle import WorkerHandle
-
-
 Waiter = asyncio.Future[Any] | cf.Future[Any]
+
+
+class Holder(Protocol):
+    """The worker whose window holds a call (a `workers.local.handle.WorkerHandle`), as far as the
+    call knows it: its slot, where the pool finds the handle again."""
+
+    slot: int
 
 
 class Call:
@@ -46,7 +52,7 @@ class Call:
         self.encode = encode
         self.timeout = timeout
         self.waiter = waiter
-        self.worker: WorkerHandle | None = None
+        self.worker: Holder | None = None  # set while a worker's window holds it
         self.progress: ProgressCallback | None = None
         self.kill_on_cancel = False
         self.leases: list[Lease] | None = None  # segments holding its arguments, held until the worker is done
