@@ -54,7 +54,7 @@ from image_build import IMAGE_VENV, BuildFailed, build_stage, make_context, pars
 ROOT = Path(__file__).resolve().parent.parent
 SHM_SIZE = "64m"
 GRACE = 10.0
-USER_TASKS = ROOT / "tests" / "workers" / "container_tasks.py"  # what an operator would mount
+USER_TASKS = ROOT / "tests" / "support" / "container_tasks.py"  # what an operator would mount
 IMAGE_TAG = "procbridge:container-smoke"
 
 

@@ -87,7 +87,7 @@ def duration(s: str) -> float:
 
 
 def lease(s: str) -> float:
-    """A lease renewed every 0.5 s (service/job_runner.py): under 2 s, a loop stalled for a moment
+    """A lease renewed every 0.5 s (service/jobs/runner.py): under 2 s, a loop stalled for a moment
     would lose it and the job would run twice."""
     x = duration(s)
     if x < 2:

@@ -23,7 +23,7 @@ import yaml
 
 from service.config import available_cpus, load
 from tests.conftest import ROOT, http, post_json, start_server, wait_for
-from tests.redis_server import RedisServer, need_redis_server
+from tests.support.redis_server import RedisServer, need_redis_server
 
 K8S = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATION = "kustomization.yaml"

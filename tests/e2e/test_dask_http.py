@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("distributed")
 
 from tests.conftest import ServerProcess, http, post_json, wait_for
-from tests.dask_cluster import DaskProcesses
 from tests.e2e.test_jobs import sse_events, submit, wait_final
+from tests.support.dask_cluster import DaskProcesses
 
-TASKS = "tests.workers.dask_tasks"
+TASKS = "tests.support.dask_tasks"
 
 
 @pytest.fixture

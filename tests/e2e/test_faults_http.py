@@ -1,6 +1,6 @@
 """Faults through the real server (a subprocess on loopback): what each costs a client over HTTP.
 
-The tasks come from tests/workers/fault_tasks.py (`--tasks tests.workers.fault_tasks`); every fault
+The tasks come from tests/support/fault_tasks.py (`--tasks tests.support.fault_tasks`); every fault
 is real (a SIGKILL from outside, a task that never ends, a flood, a client that hangs up, SIGTERM).
 """
 
@@ -18,7 +18,7 @@ import psutil
 
 from tests.conftest import Reply, ServerProcess, http, metric, post_json, wait_for
 
-TASKS = ("--tasks", "tests.workers.fault_tasks")
+TASKS = ("--tasks", "tests.support.fault_tasks")
 SHM = Path("/dev/shm")
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import http, post_json, start_server, wait_for
-from tests.redis_server import RedisServer, need_redis_server
+from tests.support.redis_server import RedisServer, need_redis_server
 
-FAULTS = "tests.workers.fault_tasks"
+FAULTS = "tests.support.fault_tasks"
 
 
 def submit(url: str, task: str, args: dict[str, Any], key: str | None = None, timeout: float | None = None) -> Any:

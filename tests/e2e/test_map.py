@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import http, post_json, start_server, wait_for
 
-FAULTS = "tests.workers.fault_tasks"
+FAULTS = "tests.support.fault_tasks"
 
 
 def stream_map(url: str, task: str, items: list[Any], ordered: bool = True) -> Iterator[tuple[float, dict[str, Any]]]:

@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import ServerProcess, http, metric, post_json, start_server, wait_for
 
-TASKS = ("--tasks", "tests.workers.shm_tasks")
+TASKS = ("--tasks", "tests.support.shm_tasks")
 OCTET = {"Content-Type": "application/octet-stream"}
 SHM = Path("/dev/shm")
 MIB = 1024 * 1024

@@ -28,7 +28,7 @@ from service.jobs.store.base import JobStore
 from service.jobs.store.redis import RedisJobStore
 from service.jobs.store.sqlite import SQLiteJobStore
 from tests.conftest import ROOT
-from tests.redis_server import RedisServer, need_redis_server
+from tests.support.redis_server import RedisServer, need_redis_server
 
 ERROR = {"type": "/problems/job-cancelled", "title": "cancelled", "status": 409, "detail": "cancelled"}
 

@@ -27,14 +27,14 @@ pytest.importorskip("distributed")
 from distributed import LocalCluster
 
 from tests.conftest import wait_until
-from tests.dask_cluster import DaskProcesses
+from tests.support.dask_cluster import DaskProcesses
 from workers.dask.calls import DaskUnavailable
 from workers.dask.executor import DaskExecutor
 from workers.dask.options import DaskOptions
 from workers.errors import Overloaded, PoolClosed, TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions, Executor, Outcome
 
-MODULES = ("tests.workers.dask_tasks",)
+MODULES = ("tests.support.dask_tasks",)
 
 
 @pytest.fixture(scope="module")

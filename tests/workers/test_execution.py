@@ -26,7 +26,7 @@ import orjson
 import pytest
 import uvloop
 
-from tests.workers import execution_tasks
+from tests.support import execution_tasks
 from workers import context, registry
 from workers.dask import remote as dask_remote
 from workers.errors import TaskFailed
@@ -44,7 +44,7 @@ from workers.protocol import (
     RESULT_VALUE,
 )
 
-MODULES = ("tests.workers.execution_tasks",)
+MODULES = ("tests.support.execution_tasks",)
 Report = tuple[float, float | None, str | None]
 
 

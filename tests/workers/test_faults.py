@@ -5,7 +5,7 @@ restart it causes (or that the worker lives on), and always that the calls aroun
 that the pool ends whole. Then the behaviours around faults: back-off, recycling, backpressure,
 abandoned calls, drain, and a randomized soak.
 
-Every culprit is the task `fault` of tests/workers/fault_tasks.py: it writes its pid, waits for a
+Every culprit is the task `fault` of tests/support/fault_tasks.py: it writes its pid, waits for a
 gate file, then misbehaves. The test fills the pool with bystander calls (some of them pipelined
 into the culprit's own window, behind it) before it opens the gate, so each fault happens with
 calls in flight on both workers and calls waiting behind it.
@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.workers.fault_tasks import MIB
-from tests.workers.pool_harness import (
+from tests.support.fault_tasks import MIB
+from tests.support.pool_harness import (
     alive,
     gate_files,
     on_uvloop,
@@ -75,9 +75,9 @@ CATALOGUE = {
     "sys-exit-with-message": Fault("sys_exit_msg", TaskFailed, None, exc_type="SystemExit", message="bye"),
     "keyboard-interrupt": Fault("keyboard_interrupt", TaskFailed, None, exc_type="KeyboardInterrupt"),
     "exception-with-required-init-args": Fault("needs_two", TaskFailed, None,
-                                               exc_type="tests.workers.fault_tasks.NeedsTwo", message="needs 1 and 2"),
+                                               exc_type="tests.support.fault_tasks.NeedsTwo", message="needs 1 and 2"),
     "exception-holding-a-lock": Fault("holds_lock", TaskFailed, None,
-                                      exc_type="tests.workers.fault_tasks.HoldsLock", message="a lock inside"),
+                                      exc_type="tests.support.fault_tasks.HoldsLock", message="a lock inside"),
     "result-that-will-not-pickle": Fault("return_lock", TaskFailed, None, exc_type="TypeError",
                                          message="cannot be sent back"),
     "result-that-will-not-encode-as-json": Fault("return_lock", TaskFailed, None, exc_type="TypeError",

@@ -18,8 +18,8 @@ import orjson
 import psutil
 import pytest
 
-from tests.workers import fault_tasks
-from tests.workers.pool_harness import (
+from tests.support import fault_tasks
+from tests.support.pool_harness import (
     FAULTS,
     alive,
     gate_files,

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from tests.workers.pool_harness import alive, on_uvloop, open_pool, wait_for_file, wait_until
+from tests.support.pool_harness import alive, on_uvloop, open_pool, wait_for_file, wait_until
 from workers.errors import TaskFailed, TaskTimeout, WorkerCrashed
 from workers.executor import CallOptions
 from workers.local.pool import WorkerPool
 from workers.shm import Lease, SegmentPool, size_class
 
 SHM = Path("/dev/shm")
-TASKS = ("tests.workers.shm_tasks",)
+TASKS = ("tests.support.shm_tasks",)
 MIB = 1024 * 1024
 
 
@@ -339,7 +339,7 @@ async def test_map_chunks_carry_binary_items_both_ways() -> None:
 
 @on_uvloop
 async def test_the_executor_api_gets_large_bytes_results_through_segments_too() -> None:
-    from tests.workers import shm_tasks
+    from tests.support import shm_tasks
 
     loop = asyncio.get_running_loop()
     async with open_pool(workers=1, modules=TASKS) as (pool, _):

@@ -18,7 +18,7 @@ import uvloop
 from tests.conftest import wait_until
 from workers.local.pool import PoolOptions, WorkerPool
 
-FAULTS = "tests.workers.fault_tasks"
+FAULTS = "tests.support.fault_tasks"
 
 
 def on_uvloop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:

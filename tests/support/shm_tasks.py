@@ -1,4 +1,4 @@
-"""Tasks for the shared-memory payload tests (`--tasks tests.workers.shm_tasks` for the server).
+"""Tasks for the shared-memory payload tests (`--tasks tests.support.shm_tasks` for the server).
 
 A parameter annotated `memoryview` gets a read-only view of the segment the service filled (zero
 copy); one annotated `bytes` gets bytes. Every fault here is real (a SIGKILL from the test, a task

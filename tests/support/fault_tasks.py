@@ -1,8 +1,8 @@
 """Misbehaving (and a few well-behaved) tasks for the pool's fault tests.
 
 The pool imports this module in every worker when a test passes
-`PoolOptions(modules=("tests.workers.fault_tasks",))`, and the server does with
-`--tasks tests.workers.fault_tasks`. Every fault here is real: a signal, a segfault, an exit, an
+`PoolOptions(modules=("tests.support.fault_tasks",))`, and the server does with
+`--tasks tests.support.fault_tasks`. Every fault here is real: a signal, a segfault, an exit, an
 allocation; nothing is simulated. Plain module-level functions double as `run_in_executor` targets.
 """
 
