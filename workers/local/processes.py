@@ -6,10 +6,13 @@ A worker leads its own process group, so a kill takes whatever its task started 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
 from multiprocessing.process import BaseProcess
+
+log = logging.getLogger("procbridge.pool")
 
 
 def exit_code_of(proc: BaseProcess) -> int | None:
@@ -77,5 +80,7 @@ def stop_helper_processes() -> None:
     for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
         stop = getattr(helper, "_stop", None)
         if stop is not None:
-            with contextlib.suppress(Exception):
+            try:
                 stop()
+            except Exception:  # noqa: BLE001 - a private stdlib hook: never let it spoil the exit, but say so
+                log.warning("stopping multiprocessing's %s failed", type(helper).__name__, exc_info=True)
