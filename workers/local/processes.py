@@ -82,5 +82,5 @@ def stop_helper_processes() -> None:
         if stop is not None:
             try:
                 stop()
-            except Exception:  # noqa: BLE001 - a private stdlib hook: never let it spoil the exit, but say so
+            except Exception:
                 log.warning("stopping multiprocessing's %s failed", type(helper).__name__, exc_info=True)
