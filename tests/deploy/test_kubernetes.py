@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -371,6 +372,15 @@ def _writable_mounts() -> list[str]:
     return out
 
 
+def _stash_dir(covered_by: list[str]) -> str:
+    """An empty folder on this machine outside every path the test mounts over (removed after)."""
+    for base in ("/run", "/var/tmp", "/mnt", "/srv", "/root"):
+        if os.path.isdir(base) and os.access(base, os.W_OK) and not any(
+                Path(base).is_relative_to(path) for path in covered_by):
+            return tempfile.mkdtemp(prefix="procbridge-ro-", dir=base)
+    pytest.skip("no folder outside the Deployment's emptyDir paths to bind the checkout aside")
+
+
 def _namespaces_allowed() -> str | None:
     """None, or why this machine cannot run the read-only test."""
     if os.geteuid() != 0:
@@ -409,10 +419,18 @@ def test_server_serves_on_a_read_only_root_with_only_the_deployment_emptydirs_wr
             assert Path(mount["mountPath"]).is_dir(), f"{mount['mountPath']} does not exist here to mount over"
             writable.append((mount["mountPath"], int(quantity(volume["emptyDir"]["sizeLimit"]))))
     q = shlex.quote
+    # What the server runs from (the checkout, its venv, the interpreter) may itself lie under an
+    # emptyDir path (a clone in /tmp): bound aside before the tmpfs covers it, bound back read-only.
+    covered = sorted({str(Path(n).resolve()) for n in (ROOT, sys.prefix, sys.base_prefix)
+                      if any(Path(n).resolve().is_relative_to(path) for path, _ in writable)})
+    stash = _stash_dir([path for path, _ in writable]) if covered else None
+    hide = [f"mkdir -p {q(f'{stash}/{i}')} && mount --bind {q(n)} {q(f'{stash}/{i}')}" for i, n in enumerate(covered)]
     steps = [f"{{ mount -o remount,bind,ro {q(p)} || {{ echo cannot make {q(p)} read-only >&2; exit 97; }}; }}"
              for p in _writable_mounts()]
     steps += [f"mount -t tmpfs -o size={size},mode=1777 tmpfs {q(path)}" for path, size in writable]
-    launcher = " && ".join([*steps, 'exec "$0" "$@"'])
+    steps += [f"mkdir -p {q(n)} && mount --bind {q(f'{stash}/{i}')} {q(n)} && mount -o remount,bind,ro {q(n)}"
+              for i, n in enumerate(covered)]
+    launcher = " && ".join([*hide, *steps, 'exec "$0" "$@"'])
     prefix = ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", launcher)
 
     redis = RedisServer(tmp_path / "redis")
@@ -453,4 +471,6 @@ def test_server_serves_on_a_read_only_root_with_only_the_deployment_emptydirs_wr
             srv.kill_all()
     finally:
         redis.stop()
+        if stash is not None:
+            shutil.rmtree(stash, ignore_errors=True)  # empty on the host: the binds lived in the namespace
 
