@@ -17,7 +17,7 @@ so a third backend works by overriding what it has. Both backends are also
 
 Lifecycle, the same for every backend: `await start()` (bind to the running loop, then `_open()`),
 calls, then `await drain(grace)` (refuse new calls, wait until `_is_quiet()` or the grace ends) or
-`await aclose()` (once, shielded, however many callers: `_stop()`, then background tasks cancelled).
+`await aclose()` (once, shielded, however many callers: background tasks cancelled, then `_stop()`).
 A backend's periodic `_tick()` (timeouts, supervision) runs every `tick_interval` seconds until close.
 
 Errors a call can raise (all from `workers.errors`, each mapped to one HTTP answer by
@@ -275,14 +275,20 @@ class Executor(cf.Executor):
         self._closing = self._closed = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        # Housekeeping first (a respawn, a remote stop), so nothing restarts while the backend stops;
+        # again after, for anything `_stop` itself started.
+        await self._cancel_background()
         try:
             await self._stop()
         finally:
-            for task in list(self._background):
-                task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await self._cancel_background()
             if self._quiet is not None:
                 self._quiet.set()
+
+    async def _cancel_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _on_tick(self) -> None:
         if self._closed or self._loop is None or self.tick_interval is None:

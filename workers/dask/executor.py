@@ -68,9 +68,6 @@ class DaskExecutor(Executor):
                 await asyncio.wait_for(client.cancel(futures, reason="procbridge-shutdown"), 5.0)
             except Exception:
                 log.warning("could not cancel %d call(s) on the Dask cluster at close", len(futures), exc_info=True)
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self._cluster.disconnect()
 
     # -- calling --------------------------------------------------------------------------------

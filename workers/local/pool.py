@@ -120,8 +120,6 @@ class WorkerPool(Executor):
             settle(call.waiter, error=PoolClosed())
             drop(call)
         self._queue.clear()
-        for task in list(self._background):
-            task.cancel()
         await self._supervisor.stop()
         if self._broker is not None:
             await self._broker.aclose()  # after the workers are gone: nobody writes into a segment any more
