@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,14 +58,15 @@ def merged() -> dict[str, Any]:
 
 
 def dockerfile_runtime() -> dict[str, list[str]]:
-    """ENTRYPOINT and CMD of the Dockerfile's last stage (exec form), and its HEALTHCHECK."""
-    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
-    last = text[text.rindex("\nFROM "):]
-    found = {}
-    for word in ("ENTRYPOINT", "CMD"):
-        found[word] = json.loads(re.findall(rf"^{word} (\[.*\])$", last, re.M)[-1])
-    found["HEALTHCHECK"] = json.loads(re.findall(r"^HEALTHCHECK .*?CMD (\[.*\])$", last, re.M)[-1])
-    return found
+    """ENTRYPOINT and CMD of the Dockerfile's last stage (exec form), and its HEALTHCHECK, read by
+    the container smoke's own parser (scripts/container_smoke.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import container_smoke
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    stage = container_smoke.runtime_stage(ROOT / "Dockerfile")
+    return {"ENTRYPOINT": stage["entrypoint"], "CMD": stage["cmd"], "HEALTHCHECK": stage["healthcheck"]}
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=[p or "none" for p in PROFILES])
