@@ -5,7 +5,7 @@ Each resource is one of aiohttp's cleanup contexts: opened at start-up in the or
 `app.cleanup_ctx`, closed in the reverse order once the server has closed every connection
 (service/server.py runs the phases around them):
 
-    log sinks -> job store -> executor -> job runner -> metrics timers
+    log sinks -> job store -> executor (starting in the background) -> job runner -> metrics timers
 
 Log sinks first, so a log that cannot be opened stops start-up before any worker starts, and last to
 close, so every response is logged; the runner needs both the store and the executor, and stops
@@ -14,7 +14,9 @@ before them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -35,6 +37,7 @@ from service.state import SERVICE, Service
 from service.validation import TaskCatalog
 from workers import registry
 from workers.backends import open_executor
+from workers.executor import Executor
 
 log = logging.getLogger("procbridge")
 
@@ -110,17 +113,35 @@ async def job_store(app: web.Application) -> AsyncIterator[None]:
 
 
 async def task_executor(app: web.Application) -> AsyncIterator[None]:
-    """The executor named by --executor: the workers start here and stop at its close (after a drain,
-    service/server.py)."""
+    """The executor named by --executor. Its start (the worker parent's imports and preloads, then the
+    workers) runs in the background, so the server binds and /healthz answers at once while /readyz
+    says `starting`; calls made meanwhile wait for the workers. `Service.executor_start` is that
+    start: service/server.py stops the service (exit 1) if it fails. The workers stop at this
+    context's close (after a drain, service/server.py)."""
     service = app[SERVICE]
     config = service.config
     executor = open_executor(config.executor_url, config)
-    await executor.start()
     service.executor = executor
-    where = f"Dask cluster {config.executor_url}" if config.executor_url.kind == "dask" else "local pool"
-    log.info("%d workers ready (%s); tasks: %s", executor.alive, where, ", ".join(e.name for e in service.catalog))
+    service.executor_start = asyncio.ensure_future(_start(service, executor))
     yield
+    if not service.executor_start.done():
+        service.executor_start.cancel()
+    await asyncio.gather(service.executor_start, return_exceptions=True)
     await executor.aclose()
+
+
+async def _start(service: Service, executor: Executor) -> None:
+    config = service.config
+    started = time.monotonic()
+    await executor.start()
+    where = f"Dask cluster {config.executor_url}" if config.executor_url.kind == "dask" else "local pool"
+    log.info(
+        "%d workers ready in %.2f s (%s); tasks: %s",
+        executor.alive,
+        time.monotonic() - started,
+        where,
+        ", ".join(e.name for e in service.catalog),
+    )
 
 
 async def job_runner(app: web.Application) -> AsyncIterator[None]:

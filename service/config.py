@@ -46,6 +46,7 @@ class Config:
     api_keys: tuple[str, ...] = field_default("api_keys")
     rate_limit: RateLimit | None = field_default("rate_limit")  # noqa: RUF009 (None; RateLimit is frozen)
     shutdown_grace: float = field_default("shutdown_grace")
+    worker_start_timeout: float = field_default("worker_start_timeout")
     max_tasks_per_worker: int = field_default("max_tasks_per_worker")
     max_worker_memory: int = field_default("max_worker_memory")
     cancel_running_on_disconnect: bool = field_default("cancel_running_on_disconnect")

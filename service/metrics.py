@@ -23,12 +23,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from workers.executor import Executor
+from workers.memory import MemoryUse
 from workers.stats import STATE_NAMES
 
 disable_created_metrics()  # the *_created series only double the scrape size
 
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LAG_INTERVAL = 0.1
+RESTART_REASONS = ("crashed", "timeout", "cancelled", "max_tasks", "max_memory", "start_failed", "start_timeout")
 
 
 class _PoolCollector(Collector):
@@ -47,27 +49,60 @@ class _PoolCollector(Collector):
             "procbridge_worker_task_started_at_seconds",
             "Unix time the task a worker is running now started (busy workers only)", labels=["slot"],
         )
+        memory = GaugeMetricFamily(
+            "procbridge_worker_memory_bytes",
+            'Memory of each live worker (slot) and of the worker parent (slot="parent"): rss (resident), '
+            "private (resident in that process only) and pss (shared pages divided among their users)",
+            labels=["slot", "kind"],
+        )
         if pool is not None:
             pending.add_metric([], pool.pending)
+            sample = pool.memory()
             counts = dict.fromkeys(("starting", "idle", "busy"), 0)
             for row in pool.rows():
                 if STATE_NAMES.get(row.state) in counts:
                     counts[STATE_NAMES[row.state]] += 1
                 if row.pid:
                     cpu.add_metric([str(row.slot)], row.cpu_seconds)
+                    _add_memory(memory, str(row.slot), sample.get(row.pid))
                     started_at = row.task_started_at()
                     if started_at is not None:
                         started.add_metric([str(row.slot)], started_at)
+            parent = pool.parent_pid
+            if parent is not None:
+                _add_memory(memory, "parent", sample.get(parent))
             for state, n in counts.items():
                 workers.add_metric([state], n)
-            for reason in sorted({"crashed", "timeout", "cancelled", "max_tasks", "max_memory", *pool.restarts}):
+            for reason in sorted({*RESTART_REASONS, *pool.restarts}):
                 restarts.add_metric([reason], pool.restarts.get(reason, 0))
         yield pending
         yield workers
         yield restarts
         yield cpu
         yield started
+        yield memory
         yield from _shm_metrics(pool.payload_stats() if pool is not None else None)
+        yield from _output_metrics(pool.output_stats() if pool is not None else None)
+
+
+def _add_memory(family: GaugeMetricFamily, slot: str, use: MemoryUse | None) -> None:
+    if use is not None:
+        for kind, value in (("rss", use.rss), ("private", use.private), ("pss", use.pss)):
+            family.add_metric([slot, kind], value)
+
+
+def _output_metrics(stats: dict[str, Any] | None) -> Iterator[Any]:
+    """Task output lines (stdout, stderr) logged by the service, and dropped over the rate limit."""
+    if stats is None:
+        return
+    lines = CounterMetricFamily(
+        "procbridge_task_output_lines", "Lines tasks printed, logged or dropped (over the rate)",
+        labels=["stream", "outcome"],
+    )
+    for outcome in ("logged", "dropped"):
+        for stream, n in sorted(stats.get(outcome, {}).items()):
+            lines.add_metric([stream, outcome], n)
+    yield lines
 
 
 def _shm_metrics(stats: dict[str, Any] | None) -> Iterator[Any]:

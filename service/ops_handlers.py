@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.openapi import build_openapi
 from service.responses import JSON_TYPE, json_response
 from service.state import SERVICE
+from workers.memory import MemoryUse
 from workers.stats import BUSY, IDLE, STATE_NAMES
 
 
@@ -24,20 +25,32 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 once a worker is ready; else 503 with a `reason`: `starting` (the first workers are not ready
+    yet), `worker-start-failed` (they cannot start: `detail` says why), `no-workers` or `draining`."""
     service = request.app[SERVICE]
     executor = service.executor
     alive = executor.alive if executor is not None else 0
     # An executor may add fields of its own (the Dask one: scheduler address, reachable, threads).
     extra = executor.readiness() if executor is not None else {}
     if service.draining or executor is None or executor.closing:
-        return json_response({"status": "draining", "workers_alive": alive, **extra}, status=503)
+        return _not_ready("draining", alive, extra)
     if alive + executor.replacing < 1:  # a worker being replaced still takes calls
-        return json_response({"status": "no-workers", "workers_alive": alive, **extra}, status=503)
+        problem = executor.start_error
+        if problem is not None:
+            return _not_ready("worker-start-failed", alive, {**extra, "detail": problem})
+        return _not_ready("no-workers" if executor.started else "starting", alive, extra)
     return json_response({"status": "ready", "workers_alive": alive, **extra})
 
 
+def _not_ready(reason: str, alive: int, extra: dict[str, object]) -> web.Response:
+    return json_response({"status": reason, "reason": reason, "workers_alive": alive, **extra}, status=503)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[SERVICE].metrics.render()
+    service = request.app[SERVICE]
+    if service.executor is not None:
+        await service.executor.sample_memory()  # the workers' memory, read off the loop
+    body = service.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -58,6 +71,8 @@ async def workers(request: web.Request) -> web.Response:
     described = executor.describe_workers()
     if described is not None:
         return json_response({"size": executor.size, "workers": described})
+    await executor.sample_memory()
+    memory = executor.memory()
     rows = executor.rows()
     listing = [
         {
@@ -68,10 +83,22 @@ async def workers(request: web.Request) -> web.Response:
             "tasks_done": row.tasks_done,
             "cpu_seconds": round(row.cpu_seconds, 6),
             "task_started_at": _rounded(row.task_started_at()),
+            **_memory_fields(memory.get(row.pid)),
         }
         for row in rows
     ]
-    return json_response({"size": executor.size, "workers": listing})
+    body: dict[str, object] = {"size": executor.size, "workers": listing}
+    parent = executor.parent_pid
+    if parent is not None:
+        body["parent"] = {"pid": parent, **_memory_fields(memory.get(parent))}
+    return json_response(body)
+
+
+def _memory_fields(use: MemoryUse | None) -> dict[str, int | None]:
+    """Resident, private (this process only) and proportional bytes; None where /proc cannot say."""
+    if use is None:
+        return {"rss_bytes": None, "private_bytes": None, "pss_bytes": None}
+    return {"rss_bytes": use.rss, "private_bytes": use.private, "pss_bytes": use.pss}
 
 
 def _rounded(when: float | None) -> float | None:

@@ -3,9 +3,12 @@
 One run is a sequence of named phases, all in `Server.run`, in this order:
 
     _open   the app's resources open (aiohttp's runner.setup() enters its cleanup contexts: log
-            sinks, job store, executor, job runner, metrics timers; service/app.py)
+            sinks, job store, executor, job runner, metrics timers; service/app.py); the executor's
+            start (imports and preloads in the worker parent, then the workers) goes on in the
+            background, so /healthz answers as soon as the site is bound
     _bind   one TCP site; the addresses it got are logged
-    _serve  until SIGTERM or SIGINT
+    _serve  until SIGTERM or SIGINT, or until the executor's start fails (a preload raised, the
+            start timeout passed): one line says why and the exit code is 1
     _drain  /readyz turns 503 and new work gets 503 `draining` at once; the job runner claims no more
             (queued jobs stay in the store for the next start); admitted calls finish for up to
             --shutdown-grace seconds (a second signal cuts the grace short), then whatever is still
@@ -14,9 +17,8 @@ One run is a sequence of named phases, all in `Server.run`, in this order:
             stop); exit code 0. It runs whichever phase failed, so what was opened is closed.
 
 Signals are taken over before anything starts: one arriving while the pool starts would otherwise
-kill the service by signal (orphaned workers, a leaked /dev/shm segment) or, as a KeyboardInterrupt,
-leave it hung waiting for a forkserver its live workers keep open. Here it drains as soon as the
-start-up is over instead.
+kill the service by signal (orphaned workers, a leaked /dev/shm segment). Here it drains instead,
+at once: a start still in progress is cancelled and what it started is stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import ipaddress
 import logging
 import signal
 import sys
+from typing import Any
 
 import uvloop
 from aiohttp import web
@@ -47,6 +50,7 @@ class Server:
         self.config = config
         self._stop = asyncio.Event()  # first signal: drain
         self._hurry = asyncio.Event()  # second signal: cut the grace short
+        self.exit_code = 0
 
     async def run(self) -> None:
         self._take_signals()
@@ -64,11 +68,12 @@ class Server:
         try:
             await self._open(runner)
             await self._bind(runner)
-            await self._serve()
+            await self._serve(app)
             await self._drain(app)
         finally:
             await self._close(runner)
-        log.info("procbridge stopped")
+        if self.exit_code == 0:
+            log.info("procbridge stopped")
 
     def _take_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,8 +101,25 @@ class Server:
         if not config.api_keys and not all(_loopback(a[0]) for a in addresses):
             log.warning("listening on %s without API keys: anyone who can reach it can run tasks", config.host)
 
-    async def _serve(self) -> None:
-        await self._stop.wait()
+    async def _serve(self, app: web.Application) -> None:
+        starting = app[SERVICE].executor_start
+        stopped = asyncio.ensure_future(self._stop.wait())
+        waits: set[asyncio.Future[Any]] = {stopped}
+        if starting is not None:
+            waits.add(starting)
+        while not stopped.done():
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if starting is not None and starting.done():
+                waits.discard(starting)
+                if not starting.cancelled() and starting.exception() is not None:
+                    exc = starting.exception()
+                    details = getattr(exc, "details", "")
+                    if details:  # the hook's or the module's own traceback
+                        log.error("the worker parent could not load the tasks:\n%s", details.rstrip())
+                    log.error("cannot start: %s", exc)
+                    self.exit_code = 1
+                    stopped.cancel()
+                    return
 
     async def _drain(self, app: web.Application) -> None:
         service = app[SERVICE]
@@ -121,8 +143,10 @@ class Server:
         await runner.cleanup()
 
 
-async def serve(config: Config) -> None:
-    await Server(config).run()
+async def serve(config: Config) -> int:
+    server = Server(config)
+    await server.run()
+    return server.exit_code
 
 
 def _loopback(address: str) -> bool:
@@ -139,7 +163,7 @@ def run(config: Config) -> int:
         stream=sys.stderr,
     )
     try:
-        uvloop.run(serve(config))
+        code = uvloop.run(serve(config))
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
         return 1
@@ -148,4 +172,4 @@ def run(config: Config) -> int:
         return 1
     finally:
         stop_helper_processes()
-    return 0
+    return code

@@ -96,6 +96,10 @@ SETTINGS: tuple[Setting, ...] = (
             "a token bucket; beyond it 429 `rate-limited` with `Retry-After`", shown="none"),
     Setting("--shutdown-grace", "PROCBRIDGE_SHUTDOWN_GRACE", c.seconds_or_zero, 25.0,
             "seconds in-flight calls may finish after SIGTERM", shown="25"),
+    Setting("--worker-start-timeout", "PROCBRIDGE_WORKER_START_TIMEOUT", c.seconds, 60.0,
+            "seconds the task modules and `@preload` hooks may take to load at start-up (past it the start "
+            "fails, exit 1), and each worker to get ready (past it the worker is stopped and started again with "
+            "the crash back-off)", shown="60"),
     Setting("--max-tasks-per-worker", "PROCBRIDGE_MAX_TASKS_PER_WORKER", c.non_negative_int, 0,
             "replace a worker after this many tasks; `0`: never"),
     Setting("--max-worker-memory", "PROCBRIDGE_MAX_WORKER_MEMORY", c.size, 0,

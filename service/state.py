@@ -7,6 +7,7 @@ other: app.py imports the handler modules to add their routes, and a handler rea
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ class Service:
     catalog: TaskCatalog
     metrics: Metrics
     executor: Executor | None = None
+    executor_start: asyncio.Future[None] | None = None  # the executor's start, running in the background
     store: JobStore | None = None
     jobs: JobRunner | None = None
     draining: bool = False

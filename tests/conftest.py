@@ -94,13 +94,20 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     seen_pids: set[int] = field(default_factory=set)
+    err_path: Path | None = None  # its stderr, when kept apart from stdout (split_logs)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def log(self) -> str:
+        """What it wrote (stdout and stderr, or stdout alone with split_logs)."""
         return self.log_path.read_text(errors="replace")
+
+    def errors(self) -> str:
+        """Its stderr (the diagnostics log), with split_logs."""
+        assert self.err_path is not None, "started without split_logs"
+        return self.err_path.read_text(errors="replace")
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -146,21 +153,30 @@ def start_server(
     env: dict[str, str] | None = None,
     ready_timeout: float = 60.0,
     prefix: tuple[str, ...] = (),
+    wait_ready: bool = True,
+    new_session: bool = False,
+    split_logs: bool = False,
 ) -> ServerProcess:
     """The server on a free loopback port; `prefix` is a command that execs the rest (it must keep
-    the pid, as `sh -c '... && exec "$0" "$@"'` does)."""
+    the pid, as `sh -c '... && exec "$0" "$@"'` does). `wait_ready=False` returns as soon as it
+    runs; `new_session` makes it lead its own session and process group (as systemd starts a
+    service); `split_logs` keeps its stderr apart, in `err_path` (stdout, the access log, in `log_path`)."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
     full_env.update({"PROCBRIDGE_STORE": str(tmp_path / "jobs.db"), "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
     tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = tmp_path / f"server-{port}.log"
-    with open(log_path, "wb") as log:
+    err_path = tmp_path / f"server-{port}.err" if split_logs else None
+    with open(log_path, "wb") as log, open(err_path or os.devnull, "wb") as err:
         proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=full_env, stdout=log, stderr=err if split_logs else subprocess.STDOUT,
+            start_new_session=new_session,
         )
-    server = ServerProcess(port, proc, log_path)
+    server = ServerProcess(port, proc, log_path, err_path=err_path)
+    if not wait_ready:
+        return server
 
     def ready() -> bool:
         if proc.poll() is not None:
@@ -212,6 +228,17 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             with contextlib.suppress(AssertionError):
                 server.stop(signal.SIGTERM, timeout=15)
         server.kill_all()
+
+
+async def started_client(aiohttp_client: Any, app: Any, timeout: float = 60.0) -> Any:
+    """aiohttp's test client for `app`, returned once its workers are ready: the app starts them in
+    the background (so /healthz answers at once), and most tests want a service ready for calls."""
+    from service.state import SERVICE
+
+    client = await aiohttp_client(app)
+    executor = app[SERVICE].executor
+    await asyncio.wait_for(executor.wait_started(), timeout)
+    return client
 
 
 def run_in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:

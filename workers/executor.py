@@ -15,8 +15,9 @@ a custom worker listing) is declared here with a neutral default that the other 
 so a third backend works by overriding what it has. Both backends are also
 `concurrent.futures.Executor`s, so `loop.run_in_executor(executor, fn, *args)` works with either.
 
-Lifecycle, the same for every backend: `await start()` (bind to the running loop, then `_open()`),
-calls, then `await drain(grace)` (refuse new calls, wait until `_is_quiet()` or the grace ends) or
+Lifecycle, the same for every backend: `await start()` (bind to the running loop, then `_open()`;
+calls may be made as soon as it has begun: they wait for the workers, up to `max_pending`), calls,
+then `await drain(grace)` (refuse new calls, wait until `_is_quiet()` or the grace ends) or
 `await aclose()` (once, shielded, however many callers: background tasks cancelled, then `_stop()`).
 A backend's periodic `_tick()` (timeouts, supervision) runs every `tick_interval` seconds until close.
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from workers.errors import TaskFailed
 
 if TYPE_CHECKING:
+    from workers.memory import MemoryUse
     from workers.stats import WorkerRow
 
 log = logging.getLogger("procbridge.executor")
@@ -103,6 +105,8 @@ class ExecutorSettings(Protocol):
     @property
     def task_timeout(self) -> float: ...
     @property
+    def worker_start_timeout(self) -> float: ...
+    @property
     def max_tasks_per_worker(self) -> int: ...
     @property
     def max_worker_memory(self) -> int: ...
@@ -132,6 +136,7 @@ class Executor(cf.Executor):
         self._closing = False
         self._closed = False
         self._quiet: asyncio.Event | None = None
+        self._started = asyncio.Event()  # set when start() has finished (no loop is bound before use)
         self._close_task: asyncio.Future[None] | None = None
         self._shutdown_task: asyncio.Future[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -216,10 +221,28 @@ class Executor(cf.Executor):
         `payloads` by (direction, path)); None when the executor has none."""
         return None
 
+    def output_stats(self) -> dict[str, Any] | None:
+        """Lines of task output relayed to the log and dropped over the rate, by stream
+        (`{"logged": {"stdout": n, ...}, "dropped": {...}}`); None when tasks' output is not relayed."""
+        return None
+
     def rows(self) -> list[WorkerRow]:
         """One row per worker (slot, pid, state, task, tasks done, CPU seconds) for /metrics and
         /v1/workers."""
         return []
+
+    async def sample_memory(self, max_age: float = 1.0) -> None:
+        """Refresh what `memory()` returns, unless the last sample is younger than `max_age` seconds
+        (the local pool reads /proc off the loop; others have nothing to read)."""
+
+    def memory(self) -> dict[int, MemoryUse]:
+        """The last memory sample, by pid: each worker's (and the local worker parent's)."""
+        return {}
+
+    @property
+    def parent_pid(self) -> int | None:
+        """The pid of the process the workers are forked from (the local pool's worker parent)."""
+        return None
 
     def describe_workers(self) -> list[dict[str, Any]] | None:
         """/v1/workers entries with fields of the backend's own; None: built from `rows()`."""
@@ -229,6 +252,21 @@ class Executor(cf.Executor):
         """Extra fields for /readyz (the Dask executor: scheduler address, reachable, threads)."""
         return {}
 
+    @property
+    def start_error(self) -> str | None:
+        """Why workers cannot start right now (a hook that raises, a start timeout), in one line;
+        None when nothing is wrong. /readyz gives it while no worker is ready."""
+        return None
+
+    @property
+    def started(self) -> bool:
+        """`start()` has finished: every worker was ready once (or the cluster connected)."""
+        return self._started.is_set()
+
+    async def wait_started(self) -> None:
+        """Return once `start()` has finished (at once if it has)."""
+        await self._started.wait()
+
     # -- the lifecycle, the same for every backend -------------------------------------------------
 
     async def start(self) -> None:
@@ -237,9 +275,10 @@ class Executor(cf.Executor):
         self._loop_thread = threading.get_ident()
         self._quiet = asyncio.Event()
         self._quiet.set()
-        await self._open()
-        if self.tick_interval is not None and not self._closed:
+        if self.tick_interval is not None:  # from the start: it also enforces the start timeout
             self._tick_handle = self._loop.call_later(self.tick_interval, self._on_tick)
+        await self._open()
+        self._started.set()
 
     async def drain(self, grace: float) -> None:
         """Take no new calls, let the admitted ones finish for up to `grace` seconds, then close

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -122,6 +123,12 @@ def run_worker_start(modules: Iterable[str]) -> int:
         except BaseException as exc:
             raise HookFailed("on_worker_start", fn, exc) from exc
     return len(hooks)
+
+
+def hook_traceback(exc: BaseException) -> str:
+    """The traceback worth showing: the hook's own exception's for a HookFailed, else `exc`'s."""
+    shown = exc.__cause__ if isinstance(exc, HookFailed) and exc.__cause__ is not None else exc
+    return "".join(traceback.format_exception(shown))
 
 
 def _chosen(modules: Iterable[str]) -> set[str]:

@@ -18,7 +18,9 @@ whichever way the call went:
     (GRANT_SEGMENT, call_id, name | None)        ──▶  ...which the service grants (or not)
     (FORGET_SEGMENTS, [name, ...])               ──▶  unlinked segments: unmap them
     [(0, RETIRE_NOTICE, reason, 0.0)]                 ◀──  the worker exits after this frame
-    WORKER_READY                                 ◀──  once, when the worker has started
+    WORKER_READY                                 ◀──  once, when the worker has started (its
+                                                      on_worker_start hooks ran), or instead
+    (WORKER_START_FAILED, line, traceback)       ◀──  a hook raised: it exits after this frame
 
 A call message: `(call_id, kind, name, payload, encode_json, progress, shm)`, where `progress` says
 whether the caller wants the task's `progress()` reports and `shm` whether some arguments are
@@ -69,5 +71,6 @@ RUNNER_CANCELLED: Final = 11  # Dask cancelled the task and the runner was kille
 # -- frames that are not lists ------------------------------------------------------------------------
 
 WORKER_READY: Final = "ready"  # worker -> service, alone in its frame: the worker has started
+WORKER_START_FAILED: Final = "start-failed"  # worker -> service: (WORKER_START_FAILED, one line, traceback): it exits
 GRANT_SEGMENT: Final = "grant"  # service -> worker: (GRANT_SEGMENT, call_id, segment name | None: send inline)
 FORGET_SEGMENTS: Final = "forget"  # service -> worker: (FORGET_SEGMENTS, [names]): unlinked, unmap them

@@ -43,9 +43,10 @@ from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any, NamedTuple
 
+from workers.shm_files import SHM_DIR, Attached
+
 log = logging.getLogger("procbridge.shm")
 
-SHM_DIR = "/dev/shm"
 MIN_SEGMENT = 64 * 1024
 KEEP_BYTES = 512 * 1024 * 1024  # at most this much (or half the budget) stays mapped while free
 KEEP_PER_CLASS = 4
@@ -464,7 +465,7 @@ class Mappings:
 
     def __init__(self, limit: int = 64) -> None:
         self._limit = limit
-        self._maps: dict[str, shared_memory.SharedMemory] = {}  # least recently used first
+        self._maps: dict[str, Attached] = {}  # least recently used first
 
     def get(self, name: str) -> memoryview:
         """The whole segment `name`, writable."""
@@ -472,9 +473,9 @@ class Mappings:
         if shm is None:
             while len(self._maps) >= self._limit:
                 _unmap(self._maps.pop(next(iter(self._maps))))
-            shm = shared_memory.SharedMemory(name=name)
+            shm = Attached(name)  # no resource tracker in a worker (shm_files.py)
         self._maps[name] = shm
-        return shm.buf  # type: ignore[return-value]  # never None while open
+        return shm.buf
 
     def forget(self, names: list[str]) -> None:
         for name in names:
@@ -489,6 +490,6 @@ class Mappings:
         return name in self._maps
 
 
-def _unmap(shm: shared_memory.SharedMemory) -> None:
+def _unmap(shm: Attached) -> None:
     with contextlib.suppress(BufferError):  # a task kept a view: the mapping goes when the view does
         shm.close()

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
+from workers.shm_files import Attached
+
 # pid, state, call id, started_at (monotonic), cpu seconds, tasks done, exit reason, task name
 _ROW = struct.Struct("<qqqddqq48s")
 ROW_SIZE = 128
@@ -39,7 +41,8 @@ class WorkerRow:
     cpu_seconds: float
     tasks_done: int
     retire_reason: int
-    task: str | None
+    task: str | None  # the task it runs now (busy rows only)
+    last_task: str | None = None  # the task it runs or last ran (what its output belongs to)
 
     @property
     def state_name(self) -> str:
@@ -56,7 +59,7 @@ class WorkerRow:
 class WorkerTable:
     """A view of the table; the pool creates (and unlinks) it, workers attach by name."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, slots: int, owner: bool) -> None:
+    def __init__(self, shm: shared_memory.SharedMemory | Attached, slots: int, owner: bool) -> None:
         self._shm = shm
         self.buf: memoryview = shm.buf  # type: ignore[assignment]  # never None while open
         self.slots = slots
@@ -73,15 +76,15 @@ class WorkerTable:
 
     @classmethod
     def attach(cls, name: str, slots: int) -> WorkerTable:
-        return cls(shared_memory.SharedMemory(name=name), slots, owner=False)
+        return cls(Attached(name), slots, owner=False)  # no resource tracker in a worker (shm_files.py)
 
     def clear(self, slot: int) -> None:
         _ROW.pack_into(self.buf, slot * ROW_SIZE, 0, EMPTY, 0, 0.0, 0.0, 0, 0, b"")
 
     def read(self, slot: int) -> WorkerRow:
         pid, state, call_id, started, cpu, done, reason, name = _ROW.unpack_from(self.buf, slot * ROW_SIZE)
-        task = name.rstrip(b"\0").decode("utf-8", "replace") or None
-        return WorkerRow(slot, pid, state, call_id, started, cpu, done, reason, task)
+        last = name.rstrip(b"\0").decode("utf-8", "replace") or None
+        return WorkerRow(slot, pid, state, call_id, started, cpu, done, reason, last if state == BUSY else None, last)
 
     def rows(self) -> list[WorkerRow]:
         return [self.read(slot) for slot in range(self.slots)]
@@ -91,7 +94,7 @@ class WorkerTable:
         del self.buf
         with contextlib.suppress(BufferError):  # a view still alive somewhere; unlink still frees the name
             self._shm.close()
-        if self._owner:
+        if self._owner and isinstance(self._shm, shared_memory.SharedMemory):
             with contextlib.suppress(FileNotFoundError):
                 self._shm.unlink()
 
@@ -105,15 +108,18 @@ class RowWriter:
         self._pid = pid
         self._done = 0
         self._names: dict[str, bytes] = {}
+        self._last = b""
         _ROW.pack_into(self._buf, self._off, pid, STARTING, 0, 0.0, 0.0, 0, 0, b"")
 
     def idle(self, cpu_seconds: float) -> None:
-        _ROW.pack_into(self._buf, self._off, self._pid, IDLE, 0, 0.0, cpu_seconds, self._done, 0, b"")
+        # The last task's name stays: output the relay reads just after a task ends is still its.
+        _ROW.pack_into(self._buf, self._off, self._pid, IDLE, 0, 0.0, cpu_seconds, self._done, 0, self._last)
 
     def begin(self, call_id: int, task: str, started_at: float, cpu_seconds: float) -> None:
         name = self._names.get(task)
         if name is None:
             name = self._names[task] = task.encode()[:48]
+        self._last = name
         _ROW.pack_into(
             self._buf, self._off, self._pid, BUSY, call_id, started_at, cpu_seconds, self._done, 0, name
         )

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers import registry
+from workers import hooks, registry
 from workers.execution import Execution, Progress, Report, describe_exception
 from workers.framing import BlockingFrames, dumps
 from workers.protocol import (
@@ -62,6 +62,7 @@ from workers.protocol import (
     RETIRE_NOTICE,
     SEGMENT_REQUEST,
     WORKER_READY,
+    WORKER_START_FAILED,
 )
 from workers.shm import Mappings
 from workers.stats import RETIRE_MAX_MEMORY, RETIRE_MAX_TASKS, RowWriter, WorkerTable
@@ -88,19 +89,35 @@ class WorkerOptions:
     shm_threshold: int | None = None  # bytes results larger than this ask for a segment; None: never
 
 
-def main(sock: socket.socket, options: WorkerOptions) -> None:
-    """Entry point of a worker process (started by the pool through the forkserver, or as a Dask
-    runner child by workers/dask/remote.py)."""
+START_FAILED_EXIT = 3  # the exit code of a worker whose on_worker_start hook (or preload) raised
+
+
+def main(sock: socket.socket, options: WorkerOptions) -> int:
+    """Entry point of a worker process (forked by the pool's worker parent, workers/local/parent.py,
+    or a Dask runner child started by workers/dask/remote.py); returns the exit code.
+
+    The task modules are imported and the preloads have run (in the parent, where this process was
+    forked from; a Dask runner child runs them here), then the on_worker_start hooks run, before
+    WORKER_READY. A hook that raises is a start failure: WORKER_START_FAILED with its traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the service's to handle, not ours
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)  # its own process group: a kill takes whatever the task started with it
     if options.nice:
         with contextlib.suppress(OSError):
             os.nice(options.nice)
-    registry.load(options.modules)
+    frames = BlockingFrames(sock, buffered=True)
+    try:
+        registry.load(options.modules)
+        hooks.run_preloads(options.modules)  # built in the parent already: nothing runs again
+        hooks.run_worker_start(options.modules)
+    except BaseException as exc:  # noqa: BLE001 - any failure to start is told, then this process ends
+        line = str(exc) if isinstance(exc, hooks.HookFailed) else f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):
+            frames.send((WORKER_START_FAILED, line, hooks.hook_traceback(exc)))
+        return START_FAILED_EXIT
     table = WorkerTable.attach(options.table_name, options.table_slots) if options.table_name else None
     row: RowWriter | _NoRow = _NoRow() if table is None else RowWriter(table, options.slot, os.getpid())
-    link = _Link(BlockingFrames(sock, buffered=True))
+    link = _Link(frames)
     execution = Execution(maps=link.maps, threshold=options.shm_threshold, segment_for=link.segment_for)
     row.idle(time.process_time())
     try:
@@ -113,6 +130,7 @@ def main(sock: socket.socket, options: WorkerOptions) -> None:
         link.maps.close()
         if table is not None:
             table.close()
+    return 0
 
 
 class _NoRow:

@@ -113,6 +113,7 @@ class JobRunner:
     # -- loops ----------------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        await self.executor.wait_started()  # jobs wait in the store while the workers start
         while not self._stopping:
             while len(self.running) < self.concurrency and not self._stopping:
                 try:

@@ -295,21 +295,33 @@ def test_a_second_signal_cuts_the_grace_short(server_factory):
 
 GATED_MODULE = "pb_e2e_gated_tasks"
 GATED_SOURCE = '''
-"""Workers importing this module wait (up to 30 s) for a gate file: a pool that takes its time to start."""
+"""A pool that takes its time to start: the preload (PB_E2E_PHASE=preload) or each worker's start hook
+(PB_E2E_PHASE=worker) waits (up to 30 s) for a gate file."""
 
-import multiprocessing
 import os
 import time
 from pathlib import Path
 
-from workers import task
+from workers import on_worker_start, preload, task
 
-if multiprocessing.current_process().name.startswith("procbridge-worker"):
-    gate = Path(os.environ["PB_E2E_GATE"])
-    (gate.parent / f"waiting-{os.getpid()}").touch()
-    deadline = time.monotonic() + 30
-    while not gate.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+
+def _wait_for_gate(phase: str) -> None:
+    if os.environ["PB_E2E_PHASE"] == phase:
+        gate = Path(os.environ["PB_E2E_GATE"])
+        (gate.parent / f"waiting-{os.getpid()}").touch()
+        deadline = time.monotonic() + 30
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+@preload
+def slow_model() -> None:
+    _wait_for_gate("preload")
+
+
+@on_worker_start
+def slow_connection() -> None:
+    _wait_for_gate("worker")
 
 
 @task
@@ -318,8 +330,10 @@ def hello() -> str:
 '''
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_while_the_workers_start_still_stops_cleanly(tmp_path, sig):
+@pytest.mark.parametrize(("sig", "phase", "waiting"), [
+    (signal.SIGTERM, "worker", 2), (signal.SIGINT, "worker", 2), (signal.SIGTERM, "preload", 1),
+], ids=["SIGTERM-in-on_worker_start", "SIGINT-in-on_worker_start", "SIGTERM-in-preload"])
+def test_a_signal_while_the_workers_start_still_stops_cleanly(tmp_path, sig, phase, waiting):
     modules = tmp_path / "modules"
     modules.mkdir()
     (modules / f"{GATED_MODULE}.py").write_text(GATED_SOURCE)
@@ -327,7 +341,7 @@ def test_a_signal_while_the_workers_start_still_stops_cleanly(tmp_path, sig):
     gates.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
     env.update({"PROCBRIDGE_STORE": str(tmp_path / "jobs.db"), "PYTHONPATH": str(modules),
-                "PB_E2E_GATE": str(gates / "open"), "PYTHONUNBUFFERED": "1"})
+                "PB_E2E_GATE": str(gates / "open"), "PB_E2E_PHASE": phase, "PYTHONUNBUFFERED": "1"})
     before = shm_entries()
     port = free_port()
     log_path = tmp_path / "server.log"
@@ -338,7 +352,7 @@ def test_a_signal_while_the_workers_start_still_stops_cleanly(tmp_path, sig):
         )
     server = ServerProcess(port, proc, log_path)
     try:
-        wait_for(lambda: len(list(gates.glob("waiting-*"))) == 2, 30, what="both workers to be starting")
+        wait_for(lambda: len(list(gates.glob("waiting-*"))) == waiting, 30, what=f"the {phase} hooks to be waiting")
         server.descendants()
         proc.send_signal(sig)
         wait_for(lambda: "draining" in server.log() or proc.poll() is not None, 10, what="the signal to be handled")

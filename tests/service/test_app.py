@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.config import Config
 from service.state import SERVICE
-from tests.conftest import wait_until
+from tests.conftest import started_client, wait_until
 
 BUILTINS = {"primes", "burn", "sha256", "mandelbrot"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +37,8 @@ def make_client(aiohttp_client, tmp_path) -> MakeClient:
 
     async def make(**settings: Any) -> TestClient[Any, Any]:
         config = Config(**{"workers": 1, "store": str(tmp_path / "jobs.db"), **settings})
-        return await aiohttp_client(create_app(config))
+        client: TestClient[Any, Any] = await started_client(aiohttp_client, create_app(config))
+        return client
 
     return make
 

@@ -18,6 +18,7 @@ from service.app import create_app
 from service.auth import KEY_ID, OPEN_PATHS, KeyRing, auth_middleware, key_id
 from service.config import Config, RateLimit
 from service.problems import problem_middleware
+from tests.conftest import started_client
 
 KEY_A = "alpha-0123456789abcdef0123456789"
 KEY_B = "bravo-0123456789abcdef0123456789"
@@ -175,7 +176,7 @@ async def rejected(client: Any) -> dict[str, float]:
 async def test_create_app_protects_the_real_routes(aiohttp_client, tmp_path):
     app = create_app(Config(workers=1, store=str(tmp_path / "jobs.db"), api_keys=(KEY_A,), access_log="off",
                             rate_limit=RateLimit(5, 60)))
-    client = await aiohttp_client(app)
+    client = await started_client(aiohttp_client, app)
     assert await rejected(client) == {"unauthorized": 0, "rate-limited": 0}
     for method, path in [("GET", "/v1/tasks"), ("POST", "/v1/tasks/primes"), ("POST", "/v1/tasks/primes/map"),
                          ("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/abc"),

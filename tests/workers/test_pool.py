@@ -33,6 +33,7 @@ from tests.support.pool_harness import (
 from workers.errors import PoolClosed, TaskFailed, WorkerCrashed
 from workers.executor import CallOptions
 from workers.local.calls import Call
+from workers.local.forks import StartFailed
 from workers.local.handle import DEEP_WINDOW, WorkerHandle
 from workers.local.pool import _TINY, PoolOptions, WorkerPool
 from workers.protocol import CALL_TASK
@@ -361,7 +362,7 @@ async def test_close_right_after_a_crash_while_the_replacement_starts() -> None:
 
 
 def _worker_processes() -> set[int]:
-    """Live processes the forkserver(s) of this test process have forked: the worker processes."""
+    """Live processes below the worker parent(s) of this test process: the worker processes."""
     found = set()
     for helper in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
@@ -372,7 +373,7 @@ def _worker_processes() -> set[int]:
 
 
 @on_uvloop
-async def test_a_task_module_that_fails_to_import_fails_start_and_leaves_nothing(
+async def test_a_task_module_that_fails_to_import_fails_start_in_one_line_and_leaves_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tables: list[str] = []
@@ -386,8 +387,9 @@ async def test_a_task_module_that_fails_to_import_fails_start_and_leaves_nothing
     monkeypatch.setattr(WorkerTable, "create", classmethod(recording_create))
     workers_before = _worker_processes()
     pool = WorkerPool(PoolOptions(workers=2, modules=("tests.workers.no_such_module",)))
-    with pytest.raises(RuntimeError, match="died while starting"):
+    with pytest.raises(StartFailed, match=r"^importing the task modules failed: ModuleNotFoundError") as failed:
         await pool.start()
+    assert "\n" not in failed.value.line and "Traceback" in failed.value.details
     assert pool.pids() == [] and pool.rows() == []
     assert _worker_processes() - workers_before == set(), "a worker outlived the failed start"
     assert len(tables) == 1 and not (Path("/dev/shm") / tables[0]).exists()

@@ -2,6 +2,12 @@
 later, imports the task modules (so a call by name finds its task) and, in process isolation,
 starts its runner children before the first call.
 
+The worker-state hooks (workers/hooks.py) run where the tasks run: with `isolate=thread`, here, once
+per Dask worker process (`@preload` first, then `@on_worker_start`; a hook that raises fails the
+plugin's setup, which the service reports at start-up); with `isolate=process`, in each runner child
+as it starts (workers/worker.py `main`), so each child builds its own preloads: there is no parent
+to share them from.
+
 Dask pickles the plugin by reference, so a worker imports this module to unpickle it: it stays
 light (no client-side code), and its name is derived from the modules and the isolation mode, so
 services with different task sets can share one cluster without replacing each other's plugin.
@@ -12,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from workers import registry
+from workers import hooks, registry
 from workers.dask import remote as dask_remote
 
 try:  # the plugin base class; dask is a runtime dependency, but keep the import error readable
@@ -42,6 +48,9 @@ class ProcbridgeTasks(WorkerPlugin):
         registry.load(self.modules)
         if self.isolate == "process":  # one runner child per worker thread, ready before the first call
             dask_remote.prestart(self.modules, int(getattr(worker.state, "nthreads", 1) or 1))
+        else:  # the tasks run in this process's threads: its hooks run here, once
+            hooks.run_preloads(self.modules)
+            hooks.run_worker_start(self.modules)
 
     def teardown(self, worker: Any) -> None:
         dask_remote.stop_runners()

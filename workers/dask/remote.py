@@ -80,6 +80,7 @@ from workers.protocol import (
     RUNNER_CRASHED,
     RUNNER_TIMED_OUT,
     WORKER_READY,
+    WORKER_START_FAILED,
 )
 from workers.worker import WorkerOptions
 from workers.worker import main as worker_main
@@ -278,13 +279,21 @@ class _Runner:
         self.dead = False
         with _all_lock:
             _all_runners.add(self)
-        if not self._wait_ready():
+        failure = self._wait_ready()
+        if failure is not None:
             code = self.stop()
-            raise RuntimeError(f"the task runner process did not start (exit code {code}); see the worker's log")
+            raise RuntimeError(f"the task runner process did not start (exit code {code}): {failure}")
 
-    def _wait_ready(self) -> bool:
+    def _wait_ready(self) -> str | None:
+        """None once the child is ready, else why not (its on_worker_start hook or preload raised)."""
         ready, _, _ = select.select([self.sock], [], [], _RUNNER_START_TIMEOUT)
-        return bool(ready) and self.frames.recv() == WORKER_READY
+        frame = self.frames.recv() if ready else None
+        if frame == WORKER_READY:
+            return None
+        if type(frame) is tuple and frame and frame[0] == WORKER_START_FAILED:
+            print(f"procbridge: a task runner could not start: {frame[1]}\n{frame[2]}", file=sys.stderr)
+            return str(frame[1])
+        return "see the worker's log" if ready else f"not ready within {_RUNNER_START_TIMEOUT:g} s"
 
     def usable(self) -> bool:
         return not self.dead and self.proc.poll() is None
@@ -354,7 +363,7 @@ def _unpickled(blob: bytes) -> tuple[int, Any]:
 # -- the runner child's side ------------------------------------------------------------------------
 
 
-def _child_main(fd: int, modules: tuple[str, ...]) -> None:
+def _child_main(fd: int, modules: tuple[str, ...]) -> int:
     """A runner child: the local worker loop, without a worker table, shared memory or limits, and
     with a watch on its parent, since nobody else will stop it mid-task if the Dask worker dies."""
     parent = os.getppid()
@@ -368,7 +377,7 @@ def _child_main(fd: int, modules: tuple[str, ...]) -> None:
                 os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-    worker_main(socket.socket(fileno=fd), WorkerOptions(slot=0, modules=modules, table_name="", table_slots=0))
+    return worker_main(socket.socket(fileno=fd), WorkerOptions(slot=0, modules=modules, table_name="", table_slots=0))
 
 
 def _atexit() -> None:
@@ -376,7 +385,7 @@ def _atexit() -> None:
 
 
 if __name__ == "__main__":
-    _child_main(int(sys.argv[1]), tuple(m for m in sys.argv[2].split(",") if m))
+    sys.exit(_child_main(int(sys.argv[1]), tuple(m for m in sys.argv[2].split(",") if m)))
 else:
     import atexit
 

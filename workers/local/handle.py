@@ -14,12 +14,12 @@ import itertools
 import pickle
 import socket
 from collections import deque
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from workers import framing
 from workers.errors import TaskFailed
 from workers.local.calls import Call, drop, settle
+from workers.local.forks import ForkedProcess
 
 DEEP_WINDOW = 16  # a worker's window may grow to this many calls when they are all tiny...
 DEEP_BUDGET = 0.001  # ...as long as the work they are expected to take stays under this (seconds)
@@ -31,13 +31,14 @@ class WorkerHandle:
 
     __slots__ = (
         "done", "dying", "eof", "idle", "inflight", "load", "longs", "outbox", "overdue", "pid", "proc", "reader",
-        "ready", "slot", "sock", "wbuf",
+        "ready", "slot", "sock", "started_at", "wbuf",
     )
 
-    def __init__(self, slot: int, proc: BaseProcess, sock: socket.socket) -> None:
+    def __init__(self, slot: int, proc: ForkedProcess, sock: socket.socket) -> None:
         self.slot = slot
         self.proc = proc
-        self.pid: int = proc.pid or 0
+        self.pid: int = proc.pid
+        self.started_at = 0.0  # monotonic time it was forked (the start timeout counts from it)
         self.sock = sock
         self.reader = framing.FrameReader()
         self.inflight: deque[Call] = deque()  # in the order the worker runs them

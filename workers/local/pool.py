@@ -35,7 +35,7 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
-from workers import framing
+from workers import framing, protocol
 from workers.errors import Overloaded, PoolClosed, TaskFailed
 from workers.executor import PLAIN_CALL, CallOptions, Executor, Outcome
 from workers.local.broker import Broker
@@ -45,8 +45,10 @@ from workers.local.handle import WorkerHandle
 from workers.local.loop_future import LoopFuture
 from workers.local.state import PoolOptions, PoolState
 from workers.local.supervisor import Supervisor
+from workers.memory import MemorySampler, MemoryUse
 from workers.protocol import CALL_FUNCTION, CALL_MAP, CALL_TASK, RESULT_JSON, RESULT_VALUE, WORKER_READY
-from workers.shm import Lease, SegmentPool, new_prefix, plan_budget
+from workers.shm import Lease, new_prefix, plan_budget
+from workers.shm_files import sweep_orphans
 from workers.stats import WorkerRow
 
 log = logging.getLogger("procbridge.pool")
@@ -87,6 +89,7 @@ class WorkerPool(Executor):
         self._controls: dict[int, ControlHandler] = {}
         self._results: dict[int, ResultHandler] = {}
         self.prefix = new_prefix()  # of every shared-memory name this pool creates (table and segments)
+        self._memory = MemorySampler(lambda: self.pids() + [p for p in (self.parent_pid,) if p is not None])
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -103,6 +106,7 @@ class WorkerPool(Executor):
         state, options = self._state, self.options
         state.loop = self._loop
         try:
+            await asyncio.get_running_loop().run_in_executor(None, sweep_orphans)  # a SIGKILLed service left them
             budget = plan_budget(options.shm_budget, options.shm_need) if options.shm_budget != 0 else 0
             if budget > 0:
                 self._broker = Broker(state, budget, self.prefix, self._run_background)
@@ -251,15 +255,13 @@ class WorkerPool(Executor):
     def payload_stats(self) -> dict[str, Any] | None:
         return self._broker.stats() if self._broker is not None else None
 
+    def output_stats(self) -> dict[str, Any] | None:
+        return self._supervisor.output.stats()
+
     @property
     def shm_threshold(self) -> int | None:
         """Binary payloads larger than this go through shared memory; None: never."""
         return self._broker.threshold if self._broker is not None else None
-
-    @property
-    def segments(self) -> SegmentPool | None:
-        """The shared-memory segments this pool lends (None: large payloads go through the sockets)."""
-        return self._broker.segments if self._broker is not None else None
 
     @property
     def pending(self) -> int:
@@ -269,6 +271,20 @@ class WorkerPool(Executor):
     @property
     def alive(self) -> int:
         return sum(1 for w in self._workers if w is not None and w.ready and not w.dying)
+
+    @property
+    def start_error(self) -> str | None:
+        return self._supervisor.start_error
+
+    @property
+    def parent_pid(self) -> int | None:
+        return self._supervisor.parent_pid
+
+    async def sample_memory(self, max_age: float = 1.0) -> None:
+        await self._memory.sample(max_age)
+
+    def memory(self) -> dict[int, MemoryUse]:
+        return self._memory.last
 
     @property
     def replacing(self) -> int:
@@ -470,11 +486,13 @@ class WorkerPool(Executor):
                 self._results[status](w, call, status, payload, elapsed)
 
     def _on_signal(self, w: WorkerHandle, frame: Any) -> None:
-        """A frame that is not a list of messages: WORKER_READY, or the reader's BadFrame."""
+        """A frame that is not a list of messages: WORKER_READY, WORKER_START_FAILED or a BadFrame."""
         if frame == WORKER_READY:
             self._supervisor.on_ready(w)
             self._refill(w)
             self._pump()
+        elif type(frame) is tuple and frame and frame[0] == protocol.WORKER_START_FAILED:
+            self._supervisor.on_start_failed(w, str(frame[1]), str(frame[2]))
         else:  # framing.BadFrame: the stream cannot be trusted any more
             log.error("worker %d sent a frame the service cannot decode: %s", w.pid, frame)
             self._supervisor.kill(w, "crashed")

@@ -1,6 +1,8 @@
 """Stopping and reaping worker processes: the pool's dealings with the operating system.
 
-A worker leads its own process group, so a kill takes whatever its task started with it.
+A worker leads its own process group, so a kill takes whatever its task started with it. Workers
+are the worker parent's children (workers/local/parent.py), so "reaping" one here means reading
+the exit code the parent wrote on its status pipe (`ForkedProcess`, workers/local/forks.py).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import logging
 import os
 import signal
 import time
-from multiprocessing.process import BaseProcess
+
+from workers.local.forks import ForkedProcess
 
 log = logging.getLogger("procbridge.pool")
 
 
-def exit_code_of(proc: BaseProcess) -> int | None:
+def exit_code_of(proc: ForkedProcess) -> int | None:
     """The exit code of a process whose sentinel fired (a non-blocking poll), None if unknown."""
     try:
         return proc.exitcode
@@ -41,35 +44,22 @@ def kill_group(pid: int) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-def reap(proc: BaseProcess) -> int | None:
-    """Wait for a process the sentinel says is gone; return its exit code and release it."""
-    proc.join(5.0)
-    code = proc.exitcode
-    with contextlib.suppress(ValueError):
-        proc.close()
-    return code
-
-
-def stop_processes(procs: list[BaseProcess], grace: float) -> None:
-    """Wait up to `grace` for workers to exit on their own, then SIGKILL and reap the rest."""
-    started = []
-    for proc in procs:
-        with contextlib.suppress(ValueError):  # closed already
-            if proc.pid is not None:  # None: its start failed or was cancelled
-                started.append(proc)
+def stop_processes(procs: list[ForkedProcess], grace: float) -> None:
+    """Wait up to `grace` for workers to exit on their own, then SIGKILL and reap the rest
+    (blocking: run it off the loop)."""
     deadline = time.monotonic() + grace
-    for proc in started:
+    for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in started:
-        if proc.exitcode is None:
-            kill_tree(proc.pid or 0)
+    for proc in procs:
+        if not proc.gone:
+            kill_tree(proc.pid)
             proc.join(5.0)
-        with contextlib.suppress(ValueError):
-            proc.close()
+        proc.close()
 
 
 def stop_helper_processes() -> None:
-    """Stop multiprocessing's forkserver and resource tracker now, at service exit.
+    """Stop multiprocessing's forkserver (if anything started one) and resource tracker now, at
+    service exit.
 
     Both would exit on their own once they notice this process is gone, but only a moment later:
     stopping them here (the stdlib's own test hooks, guarded) means no process outlives the

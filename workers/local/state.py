@@ -44,7 +44,7 @@ class PoolOptions:
     max_worker_memory: int = 0  # bytes of RSS: recycle between tasks past it, kill mid-task past twice it
     nice: int = 10
     window: int = 3
-    start_timeout: float = 60.0
+    start_timeout: float = 60.0  # the worker parent's preloads, then each worker's start
     cancel_running: bool = False  # stop a running call when its caller goes away
     debug: bool = False
     shm_threshold: int = 256 * 1024  # binary payloads larger than this go through shared memory
@@ -59,6 +59,7 @@ class PoolOptions:
             max_pending=settings.max_pending,
             task_timeout=settings.task_timeout,
             max_tasks_per_worker=settings.max_tasks_per_worker,
+            start_timeout=settings.worker_start_timeout,
             max_worker_memory=settings.max_worker_memory,
             nice=settings.worker_nice,
             cancel_running=settings.cancel_running_on_disconnect,

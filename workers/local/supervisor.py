@@ -1,10 +1,15 @@
 """Supervision of the local pool's worker processes: start, watch, kill, replace.
 
-- **Start.** Workers come from the forkserver (the service process, with its loop and threads, is
-  never forked), which preloads workers.worker and the built-in tasks, so a replacement is live in
-  milliseconds. `Process.start()` can block inside multiprocessing, so it runs on one helper thread,
-  as does the final stop. Each worker gets one socket pair; the loop reads the parent end itself
-  (the pool's read callback, registered here with `add_reader`).
+- **Start.** Workers are forked by the worker parent (workers/local/parent.py; the service process,
+  with its loop and threads, is never forked), which imported the task modules and ran the
+  `@preload` hooks once, so a replacement is live in milliseconds and shares the preloads' memory.
+  Starting the parent and each fork request block, so they run on one helper thread, as does the
+  final stop. Each worker gets one socket pair, which the loop reads itself (the pool's read
+  callback, registered here with `add_reader`), and two pipes for its stdout and stderr, which the
+  output relay reads (workers/local/output.py). A worker that is not ready within the start
+  timeout, or whose `@on_worker_start` hook raises (WORKER_START_FAILED), is stopped and restarted
+  with the crash back-off; `start_error` says why for /readyz. If the parent itself dies, every
+  worker dies with it, and the next start runs a new parent (the preloads run again).
 - **Watch.** A worker's death is seen through its process sentinel (`add_reader` on it), so it is
   handled in one callback (`on_exit`): the results it sent before dying are read first, the call it
   was running (and any it finished without sending the result: at-most-once) gets WorkerCrashed,
@@ -15,14 +20,15 @@
   the middle of a task goes the same way. A cancelled call (`kill_on_cancel`) and a worker sending
   undecodable frames are killed through `kill` too. A kill takes the worker's whole process group.
 - **Replace.** A planned stop (recycle, timeout, cancel) is replaced at once and counts in
-  `replacing`, so the service stays ready meanwhile; more crashes than workers within 10 s meet an
-  exponential back-off (logged) instead of a restart spin.
+  `replacing`, so the service stays ready meanwhile; more crashes (start failures included) than
+  workers within 10 s meet an exponential back-off (logged) instead of a restart spin.
 
 Interface: the supervisor writes `PoolState.table`, `.workers` and `.replacing` and unparks workers
 it kills or loses; from the pool it is given, at construction, the executor's `restarts` counter,
 `read(w)` (the pool's socket read callback), `requeue(calls)` (calls a dead worker never started:
-back to the front of the queue, then handed out) and `background(coro)` (the executor's background
-runner). The pool calls `start`, `on_ready`, `retiring`, `kill`, `running_call`, `tick` and `stop`.
+back to the front of the queue, then handed out), `background(coro)` (the executor's background
+runner) and the output relay. The pool calls `start`, `on_ready`, `on_start_failed`, `retiring`,
+`kill`, `running_call`, `tick` and `stop`.
 """
 
 from __future__ import annotations
@@ -31,28 +37,30 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
-import multiprocessing as mp
+import os
 import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from workers.errors import PoolClosed, TaskTimeout, WorkerCrashed, describe_exit
 from workers.local.calls import Call, drop, drop_leases, settle
+from workers.local.forks import ForkedProcess, StartFailed, WorkerParent
 from workers.local.handle import WorkerHandle
-from workers.local.processes import exit_code_of, kill_group, kill_tree, reap, stop_processes
+from workers.local.output import OutputRelay
+from workers.local.processes import exit_code_of, kill_group, kill_tree, stop_processes
 from workers.local.state import PoolState
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerTable
 from workers.worker import WorkerOptions, rss_of
-from workers.worker import main as worker_main
 
 log = logging.getLogger("procbridge.pool")
 
 _CRASH_WINDOW = 10.0
 _MEMORY_CEILING = 2  # a running task is killed once its worker's RSS passes this × max_worker_memory
 _DRAIN_READS = 1024  # bound on reads of a dead worker's socket (it holds at most its buffer)
+_UNPLANNED = frozenset({"crashed", "start_failed", "start_timeout"})  # restarts that meet the back-off
+PARENT_SLOT = -1  # the output relay's slot for the worker parent's own output (what a preload prints)
 
 
 class Supervisor:
@@ -72,47 +80,62 @@ class Supervisor:
         self._read = read
         self._requeue = requeue
         self._background = background
-        self._ctx = mp.get_context("forkserver")
+        # The helper thread that starts processes. It lives as long as the pool: the worker parent
+        # asks for SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG).
         self._spawner = cf.ThreadPoolExecutor(1, thread_name_prefix="procbridge-spawn")
-        self._starting: dict[int, tuple[BaseProcess, socket.socket]] = {}
+        self._parent = WorkerParent(state.options.modules)
+        self._parent_lock: asyncio.Lock | None = None
+        self._parents = 0  # parents started so far (the first one's failure stops the start)
         self._crashes: deque[float] = deque()
         self._started: asyncio.Event | None = None
         self._shm_threshold: int | None = None
+        self.output = OutputRelay(task_of=self._task_of)
+        self.start_error: str | None = None  # why the last worker could not start (cleared by a ready one)
+        self.preload_seconds: float | None = None
         self.closed = False
 
     async def start(self, prefix: str, shm_threshold: int | None) -> None:
-        """Create the worker table, start every worker and return once all are ready to take calls.
-        Raises if one cannot be started, dies while starting, or they are not all ready within the
-        start timeout: the pool then closes."""
+        """Create the worker table, start the worker parent (the task modules and preloads load
+        there), fork every worker and return once all are ready to take calls. Raises StartFailed
+        if the parent cannot get ready (a preload or a module raised, or the start timeout passed):
+        the pool then closes. A worker that fails to start is retried with the back-off meanwhile."""
         state = self._state
+        self._parent_lock = asyncio.Lock()
         state.table = WorkerTable.create(len(state.workers), name=f"{prefix}table")
         self._shm_threshold = shm_threshold
-        # The forkserver imports these once; every worker forked from it starts with them loaded.
-        self._ctx.set_forkserver_preload(["workers.worker", "workers.builtin_tasks"])
         self._started = asyncio.Event()
+        self.output.start()
+        await self._ensure_parent()
         await asyncio.gather(*(self._spawn(slot) for slot in range(len(state.workers))))
-        timeout = state.options.start_timeout
-        try:
-            await asyncio.wait_for(self._started.wait(), timeout)
-        except TimeoutError:
-            raise RuntimeError(f"workers did not start within {timeout:g} s") from None
-        if self._restarts:
-            raise RuntimeError("a worker died while starting (its traceback is above): check the task modules")
+        await self._started.wait()
 
     # -- what the workers say ---------------------------------------------------------------------
 
     def on_ready(self, w: WorkerHandle) -> None:
         """The worker finished starting (its WORKER_READY frame): it may take calls."""
         w.ready = True
+        self.start_error = None
         self._state.replacing.discard(w.slot)
         if self._started is not None and all(x is not None and x.ready for x in self._state.workers):
             self._started.set()
+
+    def on_start_failed(self, w: WorkerHandle, line: str, details: str) -> None:
+        """The worker's on_worker_start hook raised (WORKER_START_FAILED): it exits; it is restarted
+        with the crash back-off, and /readyz says why meanwhile."""
+        log.error("worker %d could not start: %s\n%s", w.pid, line, details.rstrip())
+        self.start_error = line
+        w.dying = w.dying or "start_failed"
+        self._state.unpark(w)
 
     def retiring(self, w: WorkerHandle, reason: int) -> None:
         """The worker will exit once its last frame is out (RETIRE_NOTICE): send it nothing more."""
         w.dying = w.dying or RETIRE_REASONS.get(reason, "retired")
         self._state.replacing.add(w.slot)
         self._state.unpark(w)
+
+    @property
+    def parent_pid(self) -> int | None:
+        return self._parent.pid if self._parent.alive else None
 
     def running_call(self, w: WorkerHandle) -> int | None:
         """The id of the call `w` is running now, as its row in the table says (None: idle)."""
@@ -132,7 +155,12 @@ class Supervisor:
         if table is None:
             return
         ceiling = _MEMORY_CEILING * state.options.max_worker_memory
+        start_timeout = state.options.start_timeout
         for w in state.workers:
+            if w is not None and not w.ready and not w.dying and now - w.started_at > start_timeout:
+                self.start_error = f"a worker did not start within {start_timeout:g} s (--worker-start-timeout)"
+                log.error("worker %d: %s; stopping it", w.pid, self.start_error)
+                self.kill(w, "start_timeout")
             if w is None or w.dying or not w.inflight:
                 continue
             row = table.read(w.slot)
@@ -161,9 +189,8 @@ class Supervisor:
             self._state.replacing.add(w.slot)
         self._state.unpark(w)
         log.warning("stopping worker %d (%s)", w.pid, reason)
-        with contextlib.suppress(ValueError, OSError):
-            if w.proc.exitcode is not None:
-                return  # already gone (and reaped): its pid may not be ours any more
+        if w.proc.gone:
+            return  # already gone (and reaped): its pid may not be ours any more
         kill_tree(w.pid)
 
     # -- a death ----------------------------------------------------------------------------------
@@ -193,6 +220,7 @@ class Supervisor:
         state.unpark(w)
         exitcode = exit_code_of(w.proc)
         kill_group(w.pid)  # whatever the task started in the worker's process group goes with it
+        self.output.remove(w.pid)  # its output streams, even if something it started still holds them
         running = row.call_id if mine and row.state == BUSY else None
         lost = max(0, row.tasks_done - w.done) if mine else 0  # finished, results never sent
         requeue = []
@@ -211,26 +239,21 @@ class Supervisor:
                 drop(call)
         w.inflight.clear()
         if reason == "crashed" and running is None and not lost:
-            log.error("worker %d exited unexpectedly (%s)", w.pid, describe_exit(exitcode))
+            if w.ready:
+                log.error("worker %d exited unexpectedly (%s)", w.pid, describe_exit(exitcode))
+            else:
+                reason = w.dying = "start_failed"
+                self.start_error = f"a worker died while starting ({describe_exit(exitcode)})"
+                log.error("worker %d died while starting (%s)", w.pid, describe_exit(exitcode))
         self._restarts[reason] += 1
-        if self._started is not None and not self._started.is_set():
-            self._started.set()  # a death during start-up: start() reports it
-        self._release(w.proc)
+        w.proc.close()
         self._requeue(requeue)
         if not self.closed:
-            unplanned = reason == "crashed" or (reason == "max_memory" and running is not None)
+            unplanned = reason in _UNPLANNED or (reason == "max_memory" and running is not None)
             delay = self._backoff() if unplanned else 0.0
-            if not delay:
+            if not delay and w.ready:  # one that never started is not a replacement the service waits for
                 state.replacing.add(w.slot)
             self._background(self._respawn(w.slot, delay))
-
-    def _release(self, proc: BaseProcess) -> None:
-        """Free the dead process's handles; its exit code is known, so this does not block."""
-        try:
-            proc.close()
-        except ValueError:  # exit status not in yet (cannot really happen once the sentinel fired)
-            with contextlib.suppress(RuntimeError):
-                self._spawner.submit(reap, proc)
 
     def _backoff(self) -> float:
         now = time.monotonic()
@@ -249,6 +272,60 @@ class Supervisor:
 
     # -- starting ---------------------------------------------------------------------------------
 
+    async def _ensure_parent(self) -> None:
+        """Make sure a worker parent is running and ready, starting one if needed (the preloads run
+        in it). The first one's failure raises StartFailed; a later one is logged and re-raised for
+        the caller's retry."""
+        assert self._parent_lock is not None
+        async with self._parent_lock:
+            if self._parent.alive or self.closed:
+                return
+            loop, options = self._state.loop, self._state.options
+            assert loop is not None
+            first = self._parents == 0
+            if not first:
+                log.warning("starting a new worker parent (its preloads run again)")
+            self._parents += 1
+            parent = self._parent = WorkerParent(options.modules)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            try:
+                await loop.run_in_executor(self._spawner, parent.start, out_w, err_w)
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            assert parent.pid is not None
+            self.output.add(out_r, parent.pid, PARENT_SLOT, "stdout")
+            self.output.add(err_r, parent.pid, PARENT_SLOT, "stderr")
+            try:
+                seconds, ran = await parent.wait_ready(options.start_timeout)
+            except BaseException as exc:
+                await loop.run_in_executor(self._spawner, parent.stop, 1.0)
+                if isinstance(exc, StartFailed):
+                    self.start_error = exc.line
+                    if not first:
+                        log.error("the worker parent could not start: %s\n%s", exc.line, exc.details.rstrip())
+                raise
+            self.preload_seconds = seconds
+            if ran:
+                log.info("%d preload(s) ran in %.2f s in the worker parent (pid %d)", ran, seconds, parent.pid)
+            loop.add_reader(parent.control_fd, self._on_parent_exit, parent)
+
+    def _on_parent_exit(self, parent: WorkerParent) -> None:
+        """The parent's control socket turned readable: it only ever does when the parent is gone."""
+        loop = self._state.loop
+        assert loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(parent.control_fd)
+        if self.closed or parent is not self._parent:
+            return
+        code = parent.stop(0.5)
+        log.error(
+            "the worker parent (pid %s) died (%s): its workers die with it and are started again",
+            parent.pid,
+            describe_exit(code),
+        )
+
     async def _respawn(self, slot: int, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
@@ -260,7 +337,18 @@ class Supervisor:
         state = self._state
         loop, table, options = state.loop, state.table, state.options
         assert loop is not None and table is not None
-        parent, child = socket.socketpair()
+        try:
+            await self._ensure_parent()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._parents <= 1 and (self._started is None or not self._started.is_set()):
+                raise  # the first parent: start() reports it
+            state.replacing.discard(slot)
+            self._background(self._respawn(slot, self._backoff() or 1.0))
+            return
+        if self.closed:
+            return
         worker_options = WorkerOptions(
             slot=slot,
             modules=options.modules,
@@ -272,34 +360,53 @@ class Supervisor:
             debug=options.debug,
             shm_threshold=self._shm_threshold,
         )
-        proc = self._ctx.Process(
-            target=worker_main, args=(child, worker_options), name=f"procbridge-worker-{slot}", daemon=True
-        )
-        self._starting[slot] = (proc, parent)  # if the pool closes meanwhile, stop() stops it
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        parent = self._parent
         try:
-            await loop.run_in_executor(self._spawner, proc.start)
+            proc = await loop.run_in_executor(self._spawner, parent.fork, worker_options, theirs, out_w, err_w)
         except asyncio.CancelledError:
+            ours.close()
+            for fd in (out_r, err_r):
+                os.close(fd)
             raise
         except Exception:
-            self._starting.pop(slot, None)
+            ours.close()
+            for fd in (out_r, err_r):
+                os.close(fd)
             state.replacing.discard(slot)
-            parent.close()
-            if self._started is None or not self._started.is_set():
-                raise  # at start-up a failure to start is the caller's to see
-            log.exception("could not start a worker; retrying in 1 s")
-            if not self.closed:
-                loop.call_later(1.0, lambda: self._background(self._spawn(slot)))
+            if self.closed:
+                return
+            log.exception("could not start a worker; retrying")
+            self._background(self._respawn(slot, self._backoff() or 1.0))
             return
         finally:
-            child.close()
-        if self.closed or self._starting.get(slot, (None,))[0] is not proc:
-            return  # the pool closed while it started: stop() has it
-        del self._starting[slot]
-        w = WorkerHandle(slot, proc, parent)
-        parent.setblocking(False)
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        self.output.add(out_r, proc.pid, slot, "stdout")
+        self.output.add(err_r, proc.pid, slot, "stderr")
+        if self.closed:  # the pool closed while it forked: stop() has finished or is finishing
+            ours.close()
+            await loop.run_in_executor(self._spawner, stop_processes, [proc], 0.0)
+            return
+        w = WorkerHandle(slot, proc, ours)
+        w.started_at = time.monotonic()
+        ours.setblocking(False)
         state.workers[slot] = w
-        loop.add_reader(parent.fileno(), self._read, w)
+        loop.add_reader(ours.fileno(), self._read, w)
         loop.add_reader(proc.sentinel, self.on_exit, w)
+
+    def _task_of(self, slot: int, pid: int) -> str | None:
+        """For the output relay (its own thread): what the worker in `slot` runs now."""
+        if slot == PARENT_SLOT:
+            return "preload"
+        table = self._state.table
+        if table is None or not 0 <= slot < table.slots:
+            return None
+        row = table.read(slot)
+        return row.last_task if row.pid == pid else None
 
     # -- stopping ---------------------------------------------------------------------------------
 
@@ -320,10 +427,11 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Fail every call in a window with PoolClosed, stop every worker (killing those still busy;
-        closing our end tells an idle one to exit), wait for them all, free the table."""
+        closing our end tells an idle one to exit), wait for them all, stop the worker parent, free
+        the table."""
         self.closed = True
         state = self._state
-        procs: list[BaseProcess] = []
+        procs: list[ForkedProcess] = []
         for w in state.workers:
             if w is None:
                 continue
@@ -337,15 +445,17 @@ class Supervisor:
             if busy:
                 kill_tree(w.pid)
             procs.append(w.proc)
-        for proc, parent in self._starting.values():  # still inside proc.start(): stopped right after it
-            parent.close()
-            procs.append(proc)
-        self._starting.clear()
         state.workers[:] = [None] * len(state.workers)
         state.idle.clear()
-        if state.loop is not None:
-            # The spawner runs one thing at a time, so any proc.start() in progress finishes first.
-            await state.loop.run_in_executor(self._spawner, stop_processes, procs, 2.0)
+        loop = state.loop
+        if loop is not None:
+            with contextlib.suppress(ValueError, OSError):
+                if self._parent.alive:
+                    loop.remove_reader(self._parent.control_fd)
+            # The spawner runs one thing at a time, so a fork in progress finishes first.
+            await loop.run_in_executor(self._spawner, stop_processes, procs, 2.0)
+            await loop.run_in_executor(self._spawner, self._parent.stop, 5.0)
+            await loop.run_in_executor(None, self.output.close, 2.0)
         self._spawner.shutdown(wait=False)
         if state.table is not None:
             state.table.close()
