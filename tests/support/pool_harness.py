@@ -52,7 +52,8 @@ async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
 
 
 class PidWatch:
-    """Every worker pid a pool ever showed; `leftovers()` are the ones still running."""
+    """Every worker pid a pool ever showed, and every worker parent's; `leftovers()` are the ones
+    still running."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -61,6 +62,8 @@ class PidWatch:
     def sample(self) -> list[int]:
         pids = self.pool.pids()
         self.seen.update(pids)
+        if self.pool.parent_pid is not None:
+            self.seen.add(self.pool.parent_pid)
         return pids
 
     def leftovers(self) -> list[int]:
@@ -74,23 +77,24 @@ def shm_path(pool: WorkerPool) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def open_pool(workers: int = 2, modules: tuple[str, ...] = (FAULTS,), **options: Any) -> AsyncIterator[
-    tuple[WorkerPool, PidWatch]
-]:
-    """A started pool and its pid watch; on the way out it is closed and must leave nothing behind."""
+async def open_pool(
+    workers: int = 2, modules: tuple[str, ...] = (FAULTS,), defer_start: bool = False, **options: Any
+) -> AsyncIterator[tuple[WorkerPool, PidWatch]]:
+    """A started pool (with `defer_start`, one the test starts itself) and its pid watch; on the way
+    out it is closed and must leave nothing behind."""
     pool = WorkerPool(PoolOptions(workers=workers, modules=modules, **options))
-    await pool.start()
     watch = PidWatch(pool)
-    watch.sample()
-    segment = shm_path(pool)
-    assert segment.exists()
+    if not defer_start:
+        await pool.start()
+        watch.sample()
+        assert shm_path(pool).exists()
     try:
         yield pool, watch
     finally:
         watch.sample()
         await pool.aclose()
     assert watch.leftovers() == [], "worker processes outlived the pool"
-    assert not segment.exists(), "the pool left its shared-memory segment behind"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(pool.prefix)], "the pool left a segment behind"
 
 
 async def whole(pool: WorkerPool, watch: PidWatch, timeout: float = 1.0) -> list[int]:

@@ -48,7 +48,8 @@ def table() -> np.ndarray:
 def record_worker() -> None:
     _record("STATE_WORKER_LOG")
     _wait_for_gate("STATE_WORKER_GATE")
-    if os.environ.get("STATE_WORKER_FAIL"):
+    fail_while = os.environ.get("STATE_WORKER_FAIL_WHILE")  # a file: fails while it exists
+    if os.environ.get("STATE_WORKER_FAIL") or (fail_while and Path(fail_while).exists()):
         raise ConnectionError("the database at db:5432 refused the connection")
 
 
