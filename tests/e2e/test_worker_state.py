@@ -144,10 +144,15 @@ def test_healthz_answers_while_the_preload_runs_and_readyz_says_starting_until_a
         ready = http("GET", server.url + "/readyz")
         assert ready.status == 503 and ready.json()["reason"] == "starting", ready
         call = run_in_thread(post_json, server.url + "/v1/tasks/table_sum", {})  # waits for the workers
+        job = post_json(server.url + "/v1/jobs", {"task": "table_sum", "args": {}})  # waits in the store
+        assert job.status == 202, job
         gate.touch()
         wait_for(lambda: http("GET", server.url + "/readyz").status == 200, 30, what="/readyz to turn 200")
         reply = joined(*call)
         assert reply.status == 200, reply
+        done = wait_for(lambda: (j := http("GET", server.url + job.headers["location"]).json())["status"]
+                        == "succeeded" and j, 30, what="the job submitted while starting to succeed")
+        assert done["result"]["sum"] == 8 * MIB / 8, done
     finally:
         _stopped_cleanly(server)
 
@@ -194,6 +199,21 @@ def test_a_preload_that_raises_stops_the_start_with_exit_1_and_one_line_naming_t
     assert not [n for n in os.listdir(SHM) if n.startswith(f"pb_{server.proc.pid}_")], "a segment was left"
 
 
+def test_a_preload_past_the_worker_start_timeout_stops_the_start_with_exit_1(tmp_path: Path) -> None:
+    gate = tmp_path / "never-opened"
+    server = start_server(tmp_path, *TASKS, "--worker-start-timeout", "1",
+                          env=_state_env(tmp_path, STATE_PRELOAD_GATE=str(gate)), wait_ready=False)
+    try:
+        assert server.proc.wait(60) == 1, server.log()
+        wait_for(lambda: not server.leftovers(), 10, what="every process of the service to be gone")
+        last = server.log().strip().splitlines()[-1]
+        assert "did not finish within 1 s (--worker-start-timeout)" in last, last
+        assert _pids(tmp_path / "worker.pids") == [], "no worker starts without its preloads"
+    finally:
+        gate.touch()
+        server.kill_all()
+
+
 # -- task output ---------------------------------------------------------------------------------------
 
 
@@ -212,6 +232,8 @@ def test_task_output_is_logged_with_pid_and_task_on_stderr_and_never_reaches_the
             assert f"worker {pid} (chatter)" in line, line
         assert sum(" stdout: line " in line for line in logged) == 3
         assert sum(" stderr: line " in line for line in logged) == 2
+        parent = _workers(server)["parent"]["pid"]
+        assert f"worker {parent} (preload) stdout: loading the table in {parent}" in server.errors()
         for line in server.log().splitlines():  # stdout: the access log, JSON only
             assert isinstance(json.loads(line), dict), line
     finally:

@@ -37,6 +37,7 @@ def _wait_for_gate(variable: str) -> None:
 def table() -> np.ndarray:
     """The "model": STATE_MIB MiB of float64 ones, every page written (as loading weights does)."""
     _record("STATE_PRELOAD_LOG")
+    print(f"loading the table in {os.getpid()}")  # the worker parent's output is relayed too
     _wait_for_gate("STATE_PRELOAD_GATE")
     if os.environ.get("STATE_PRELOAD_FAIL"):
         raise ValueError("no model file at /models/missing.bin")
