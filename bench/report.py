@@ -291,7 +291,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
     add("")
     add(f"All processes share {cpus} CPUs. Columns: the load generator's CPU (share of one core, over its "
         "measured window), the server's main process and its child processes (workers; for gunicorn the sync "
-        "workers; for procbridge also the idle forkserver) in cores, what every other process on the machine used "
+        "workers; for procbridge also the idle worker parent) in cores, what every other process on the machine used "
         "(the other load generator of a paired run, or anything else running), and the whole machine's busy cores, "
         "over the same window.")
     add("")

@@ -51,8 +51,8 @@ from workers.local.processes import stop_helper_processes
 
 MIB = 1024 * 1024
 
-# No task module to name: multiprocessing imports this script in every pool worker (as __mp_main__,
-# the forkserver's way of giving children the main module), which registers `bench_echo` there.
+# No task module to name: the pool's worker parent imports this script (as __mp_main__, the way
+# multiprocessing gives children the main module), which registers `bench_echo` there.
 
 
 @task

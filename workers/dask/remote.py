@@ -34,7 +34,7 @@ the runner pool here cannot be the local pool (`workers/local/`), because:
 
 - a Dask worker is a daemonic multiprocessing child of its nanny (`distributed.worker.daemon`), and
   multiprocessing refuses to start children from a daemonic process, so runners start with
-  subprocess (`python -m workers.dask.remote FD MODULES`), not the pool's forkserver;
+  subprocess (`python -m workers.dask.remote FD MODULES`), not forked by the pool's worker parent;
 - the local pool is driven by an asyncio loop it owns and supervises through a shared-memory table
   with a timer; here each Dask worker thread blocks in its task and must watch its one call itself
   (deadline, Dask's cancel), so a runner is taken per call and watched by the thread that took it;

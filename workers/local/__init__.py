@@ -23,9 +23,10 @@ One call's way through the package, and what sits beside it:
     from the queue, or park the worker idle
 
     Supervisor ──────────────────────────────────────────────────────────────── supervisor.py
-      starts workers (forkserver, one helper thread), watches each process sentinel, kills on a
-      timeout, the memory ceiling or a cancel (the pool's tick), hands a dead worker's unstarted
-      calls back to the queue, replaces it (crash back-off); the OS side is processes.py
+      starts workers (forked by the worker parent: parent.py, forks.py; one helper thread),
+      watches each worker's sentinel (its status pipe), kills on a timeout, the memory ceiling or
+      a cancel (the pool's tick), hands a dead worker's unstarted calls back to the queue, replaces
+      it (crash back-off); the OS side is processes.py; task output goes to the log (output.py)
 
     PoolState: the options, the loop, the worker table, the workers, the idle list ───── state.py
 
