@@ -127,6 +127,8 @@ class WorkerParent:
         self._control = ours
         preparation = spawn.get_preparation_data("procbridge-worker-parent")
         preparation["authkey"] = bytes(preparation["authkey"])  # pickled as plain bytes, as spawn does
+        if preparation.get("init_main_from_name") == "service.__main__":
+            del preparation["init_main_from_name"]  # the service's own entry point: nothing a worker needs
         ours.send(pickle.dumps({"preparation": preparation, "modules": self.modules}))
 
     async def wait_ready(self, timeout: float) -> tuple[float, int]:

@@ -55,6 +55,14 @@ PID = struct.Struct("q")  # the first record on a status pipe: the forked pid
 EXIT = struct.Struct("i")  # the second: its exit code (negative: killed by that signal)
 MAX_MESSAGE = 1 << 20
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def name_process(name: str) -> None:
+    """Set the name `ps -o comm`, `top` and the OOM killer's log show (Linux, 15 bytes at most), so an
+    operator tells the worker parent and each worker apart from the service."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def die_with_parent(expected_parent: int) -> None:
@@ -69,6 +77,7 @@ def main(fd: int, service_pid: int) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a group SIGTERM is the service's to handle: it drains
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(service_pid)
+    name_process("pb-parent")
     control = socket.socket(fileno=fd)
     init: dict[str, Any] = pickle.loads(control.recv(MAX_MESSAGE))
     spawn.prepare(init["preparation"])  # sys.path, cwd and __main__ as the service has them
@@ -168,6 +177,7 @@ class _Parent:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         die_with_parent(parent)
+        name_process(f"pb-worker-{options.slot}")
         self.control.close()
         self.wake_r.close()
         self.wake_w.close()

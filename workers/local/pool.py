@@ -47,7 +47,7 @@ from workers.local.state import PoolOptions, PoolState
 from workers.local.supervisor import Supervisor
 from workers.memory import MemorySampler, MemoryUse
 from workers.protocol import CALL_FUNCTION, CALL_MAP, CALL_TASK, RESULT_JSON, RESULT_VALUE, WORKER_READY
-from workers.shm import Lease, new_prefix, plan_budget
+from workers.shm import Lease, SegmentPool, new_prefix, plan_budget
 from workers.shm_files import sweep_orphans
 from workers.stats import WorkerRow
 
@@ -243,10 +243,8 @@ class WorkerPool(Executor):
     # -- shared memory and introspection ----------------------------------------------------------
 
     async def payload_buffer(self, size: int) -> Lease | None:
-        """A writable shared-memory buffer for a payload of `size` bytes (e.g. a request body read
-        from the socket), to pass as a task argument; None when `size` is not above the threshold
-        or there is no room (then use bytes: `call()` tries shared memory once more, else they go
-        through the socket). Release it when done."""
+        """A writable shared-memory buffer for a payload of `size` bytes, to pass as a task argument;
+        None when `size` is not above the threshold or there is no room (then use bytes). Release it."""
         broker = self._broker
         if broker is None or self._closing or size <= broker.threshold:
             return None
@@ -257,6 +255,11 @@ class WorkerPool(Executor):
 
     def output_stats(self) -> dict[str, Any] | None:
         return self._supervisor.output.stats()
+
+    @property
+    def segments(self) -> SegmentPool | None:
+        """The shared-memory segments this pool lends (None: large payloads go through the sockets)."""
+        return self._broker.segments if self._broker is not None else None
 
     @property
     def shm_threshold(self) -> int | None:
@@ -272,13 +275,8 @@ class WorkerPool(Executor):
     def alive(self) -> int:
         return sum(1 for w in self._workers if w is not None and w.ready and not w.dying)
 
-    @property
-    def start_error(self) -> str | None:
-        return self._supervisor.start_error
-
-    @property
-    def parent_pid(self) -> int | None:
-        return self._supervisor.parent_pid
+    start_error = property(lambda self: self._supervisor.start_error)
+    parent_pid = property(lambda self: self._supervisor.parent_pid)
 
     async def sample_memory(self, max_age: float = 1.0) -> None:
         await self._memory.sample(max_age)
