@@ -67,6 +67,8 @@ SEGMENT_REQUEST: Final = 7  # payload: the size of the running call's bytes resu
 RUNNER_TIMED_OUT: Final = 9  # killed at the call's deadline; value: the timeout
 RUNNER_CRASHED: Final = 10  # the runner died mid-call (segfault, os._exit, OOM kill); value: its exit code
 RUNNER_CANCELLED: Final = 11  # Dask cancelled the task and the runner was killed; value: None
+RUNNER_START_FAILED: Final = 12  # the tasks could not start where the call was to run (a hook raised in
+#   the runner child, or with isolate=thread in the Dask worker itself); value: (detail, traceback, exit code | None)
 
 # -- frames that are not lists ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from workers.protocol import (
     RESULT_VALUE,
     RUNNER_CANCELLED,
     RUNNER_CRASHED,
+    RUNNER_START_FAILED,
     RUNNER_TIMED_OUT,
 )
 
@@ -36,6 +37,18 @@ class DaskWorkerLost(WorkerCrashed):
 
     def __init__(self, detail: str) -> None:
         super().__init__(None, None, detail)
+
+
+class DaskWorkerStartFailed(WorkerCrashed):
+    """The tasks could not start where the call was to run: a `@preload` or `@on_worker_start` hook
+    raised in the runner child (isolate=process), or in the Dask worker itself (isolate=thread, a
+    worker whose hooks raised in the plugin's setup). The detail names the Dask worker, the hook and
+    its exception; `traceback` is the hook's. Answered 502 like a crashed worker; the next call
+    tries again."""
+
+    def __init__(self, pid: int | None, exitcode: int | None, detail: str, traceback: str = "") -> None:
+        super().__init__(pid, exitcode, detail)
+        self.traceback = traceback
 
 
 @dataclass(eq=False)
@@ -91,6 +104,9 @@ def answer(
         return WorkerCrashed(pid, value)
     if status == RUNNER_CANCELLED:
         return PoolClosed()
+    if status == RUNNER_START_FAILED:
+        detail, details, exitcode = value
+        return DaskWorkerStartFailed(pid or None, exitcode, detail, details)
     if status == RESULT_CHUNK:
         return [
             TaskFailed(*item) if item_status == RESULT_ERROR

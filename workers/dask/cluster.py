@@ -23,12 +23,18 @@ from typing import Any
 from workers.dask import remote as dask_remote
 from workers.dask.calls import DaskCall
 from workers.dask.options import DaskOptions
-from workers.dask.plugin import ProcbridgeTasks, plugin_name
+from workers.dask.plugin import ProcbridgeTasks, WorkerSetupFailed, plugin_name
 from workers.stats import BUSY, IDLE, WorkerRow
 
 log = logging.getLogger("procbridge.dask")
 
 EventHandler = Callable[[tuple[float, Any]], None]
+
+
+class DaskStartFailed(RuntimeError):
+    """The Dask workers cannot run the tasks: the worker plugin's setup failed on one (with
+    isolate=thread a `@preload` or `@on_worker_start` hook raised there; or a task module will not
+    import). One line: the hook and its exception, and the worker; the traceback is logged."""
 
 
 class Cluster:
@@ -69,6 +75,9 @@ class Cluster:
         worker yet is not (/readyz says 503 until one joins)."""
         try:
             await self._connect(self.options.connect_timeout)
+        except DaskStartFailed:  # the scheduler answered; a worker could not start the tasks
+            await self.disconnect()
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure to connect or probe stops the start
             await self.disconnect()
             raise RuntimeError(f"cannot use the Dask scheduler at {self.options.address}: {exc}") from None
@@ -105,7 +114,12 @@ class Cluster:
     async def _introduce(self, client: Any) -> None:
         """Subscribe to our event topic, install the worker plugin, probe the workers' imports."""
         client.subscribe_topic(self._topic, self._on_event)
-        await client.register_plugin(ProcbridgeTasks(self.modules, self.options.isolate), name=self._plugin_name)
+        try:
+            await client.register_plugin(ProcbridgeTasks(self.modules, self.options.isolate), name=self._plugin_name)
+        except WorkerSetupFailed as exc:  # Dask re-raises the first worker's setup error as it was raised
+            log.error("the task modules cannot start on Dask worker %s: %s\n%s",
+                      exc.address or "?", exc.line, exc.details.rstrip())
+            raise DaskStartFailed(str(exc)) from None
         probes = await client.run(dask_remote.probe, self.modules)
         bad = {addr: p["error"] for addr, p in probes.items() if p["error"]}
         if bad:

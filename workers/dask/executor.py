@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workers.dask import remote as dask_remote
-from workers.dask.calls import DaskCall, DaskUnavailable, DaskWorkerLost, answer, as_plain
+from workers.dask.calls import DaskCall, DaskUnavailable, DaskWorkerLost, DaskWorkerStartFailed, answer, as_plain
 from workers.dask.cluster import Cluster
 from workers.dask.options import DaskOptions
 from workers.errors import Overloaded, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
@@ -175,9 +175,13 @@ class DaskExecutor(Executor):
 
     def _fail(self, st: DaskCall, error: PoolError) -> None:
         """Answer `st` with `error`, counting the restart it stands for: a runner or worker stopped
-        at its deadline (timeout), or one that died under the call (crashed)."""
+        at its deadline (timeout), one that died under the call (crashed), or one whose hook raised
+        as it started (start_failed, logged here with the hook's traceback)."""
         if isinstance(error, TaskTimeout):
             self.restarts["timeout"] += 1
+        elif isinstance(error, DaskWorkerStartFailed):
+            self.restarts["start_failed"] += 1
+            log.error("%s\n%s", error, error.traceback.rstrip())
         elif isinstance(error, WorkerCrashed):
             self.restarts["crashed"] += 1
         st.settle(error=error)

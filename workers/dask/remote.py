@@ -25,9 +25,17 @@ Dask's transport for it. Two ways to run it, chosen by the service (`isolate`):
   the worker's own state for the key turns `cancelled`), the runner's process group is SIGKILLed,
   the Dask worker lives on, and a replacement runner starts in the background. Cost: one local
   socket round trip per call (plus the CPU of one more process), ~8 ms of lost capacity per kill.
+  Each runner child runs the task modules' `@preload`s and then `@on_worker_start`s as it starts
+  (workers/worker.py `main`; each child builds its own preloads, nothing is shared between them, and
+  the Dask worker process runs neither). A child whose hook raises says so (WORKER_START_FAILED,
+  printed here with its traceback) and exits: the call that wanted it ends RUNNER_START_FAILED
+  (502, naming the hook and its exception), and the next call starts a runner again.
 - "thread": the task runs in the Dask worker thread itself. No extra hop, but Python code in a
   thread cannot be stopped: the client enforces timeouts and cancels by restarting that Dask
   worker through its nanny (seconds of lost capacity; see docs/dask.md for the measured costs).
+  The hooks run in the Dask worker process (`run_hooks`: the worker plugin's setup, once; a call
+  where they raised runs them again itself, and ends RUNNER_START_FAILED, a 502 naming the hook,
+  while they still raise).
 
 A runner child *is* a local worker (`workers.worker.main`: the same frames, constants and loop), but
 the runner pool here cannot be the local pool (`workers/local/`), because:
@@ -68,7 +76,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workers import registry
+from workers import hooks, registry
 from workers.execution import Execution, Progress, Report, describe_exception
 from workers.framing import BlockingFrames
 from workers.protocol import (
@@ -78,6 +86,7 @@ from workers.protocol import (
     RESULT_VALUE,
     RUNNER_CANCELLED,
     RUNNER_CRASHED,
+    RUNNER_START_FAILED,
     RUNNER_TIMED_OUT,
     WORKER_READY,
     WORKER_START_FAILED,
@@ -109,14 +118,25 @@ def run(spec: Spec, payload: Any) -> tuple[Any, ...]:
     key = worker.get_current_task()
     emit = _Emitter(worker, topic, call_id)
     if isolate == "thread":
+        registry.load(modules)
+        try:
+            run_hooks(modules)  # at once: the worker plugin ran them (unless they raised there)
+        except hooks.HookFailed as exc:  # this call fails (502) naming the hook; the next one tries again
+            details = hooks.hook_traceback(exc)
+            print(f"procbridge: the worker-state hooks failed in this Dask worker: {exc}\n{details}", file=sys.stderr)
+            detail = f"the worker-state hooks failed on Dask worker {worker.address}: {exc}"
+            return RUNNER_START_FAILED, (detail, details, None), os.getpid(), 0.0, 0
         emit.start(os.getpid())
         start = time.perf_counter()
-        registry.load(modules)
         progress = Progress(emit.report, call_id) if want_progress else None
         tag, value = _IN_THREAD.run(kind, name, payload, encode, False, call_id, progress)
         return tag, value, os.getpid(), time.perf_counter() - start, emit.sent
     pool = _pool_for(modules)
-    runner = pool.take()
+    try:
+        runner = pool.take()
+    except RunnerStartFailed as exc:  # its hook raised: this call fails (502), the next one tries again
+        detail = f"the task runner could not start on Dask worker {worker.address}: {exc.line}"
+        return RUNNER_START_FAILED, (detail, exc.details, exc.exitcode), exc.pid, 0.0, 0
     emit.start(runner.pid)
     try:
         message = (call_id, kind, name, payload, encode, want_progress, False)
@@ -134,6 +154,28 @@ def run_function(blob: bytes) -> tuple[Any, ...]:
         return RESULT_VALUE, fn(*args, **kwargs), os.getpid(), time.perf_counter() - start
     except BaseException as exc:  # noqa: BLE001 - a task's failure is a value for the caller
         return RESULT_ERROR, describe_exception(exc), os.getpid(), time.perf_counter() - start
+
+
+_hooks_ran: set[tuple[str, ...]] = set()  # isolate=thread: module sets whose hooks last ran here without raising
+_hooks_lock = threading.Lock()
+
+
+def run_hooks(modules: tuple[str, ...], again: bool = False) -> None:
+    """isolate=thread: run the modules' `@preload`s (each once per process) and then their
+    `@on_worker_start`s in this Dask worker process. The worker plugin's setup runs them (`again`:
+    on_worker_start anew, for a service that introduces itself again); a call runs them only where
+    they have not run without raising: they raised in the setup (a worker that joined while the
+    hook fails), or the setup is still running them (a worker takes tasks before its plugins' setup
+    is done: the call waits for it). Raises hooks.HookFailed."""
+    if modules in _hooks_ran and not again:
+        return
+    with _hooks_lock:
+        if modules in _hooks_ran and not again:
+            return
+        _hooks_ran.discard(modules)
+        hooks.run_preloads(modules)
+        hooks.run_worker_start(modules)
+        _hooks_ran.add(modules)
 
 
 def kill_worker() -> None:
@@ -248,6 +290,8 @@ class _RunnerPool:
             for _ in range(max(0, missing)):
                 try:
                     runner = _Runner(self.modules)
+                except RunnerStartFailed:  # printed with its traceback; the next call tries again
+                    return
                 except Exception as exc:  # noqa: BLE001 - the next call starts one itself (and reports)
                     print(f"procbridge: could not start a task runner: {exc}", file=sys.stderr)
                     return
@@ -255,6 +299,22 @@ class _RunnerPool:
                     self.idle.append(runner)
 
         threading.Thread(target=start, name="procbridge-runner-start", daemon=True).start()
+
+
+class RunnerStartFailed(RuntimeError):
+    """A runner child did not start: a `@preload` or `@on_worker_start` hook raised in it, or a task
+    module would not import (`line` and `details`, its traceback, as the child sent them), or it
+    was not ready in time. Printed with its traceback to the Dask worker's stderr where it happens."""
+
+    def __init__(self, line: str, details: str = "", pid: int = 0, exitcode: int | None = None) -> None:
+        super().__init__(line, details, pid, exitcode)
+        self.line = line
+        self.details = details
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __str__(self) -> str:
+        return self.line
 
 
 class _Runner:
@@ -281,19 +341,25 @@ class _Runner:
             _all_runners.add(self)
         failure = self._wait_ready()
         if failure is not None:
+            line, details = failure
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)  # a child whose hook raised exits on its own (START_FAILED_EXIT)
             code = self.stop()
-            raise RuntimeError(f"the task runner process did not start (exit code {code}): {failure}")
+            raise RunnerStartFailed(line, details, self.pid, code)
 
-    def _wait_ready(self) -> str | None:
-        """None once the child is ready, else why not (its on_worker_start hook or preload raised)."""
+    def _wait_ready(self) -> tuple[str, str] | None:
+        """None once the child is ready, else why not: (one line, traceback); its `@preload` or
+        `@on_worker_start` hook raised, or a task module would not import."""
         ready, _, _ = select.select([self.sock], [], [], _RUNNER_START_TIMEOUT)
-        frame = self.frames.recv() if ready else None
+        if not ready:
+            return f"the task runner was not ready within {_RUNNER_START_TIMEOUT:g} s", ""
+        frame = self.frames.recv()
         if frame == WORKER_READY:
             return None
         if type(frame) is tuple and frame and frame[0] == WORKER_START_FAILED:
             print(f"procbridge: a task runner could not start: {frame[1]}\n{frame[2]}", file=sys.stderr)
-            return str(frame[1])
-        return "see the worker's log" if ready else f"not ready within {_RUNNER_START_TIMEOUT:g} s"
+            return str(frame[1]), str(frame[2])
+        return "the task runner exited before it was ready (see the Dask worker's log)", ""
 
     def usable(self) -> bool:
         return not self.dead and self.proc.poll() is None
