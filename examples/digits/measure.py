@@ -58,12 +58,12 @@ def tree(pid: int) -> int:
     for proc in [root, *root.children(recursive=True)]:
         try:
             mem = proc.memory_full_info()
-            command = " ".join(proc.cmdline())
+            name, command = proc.name(), " ".join(proc.cmdline())
         except psutil.NoSuchProcess:
             continue
         total += mem.pss / MiB
         sizes = f"RSS {mem.rss / MiB:7.1f} MiB  USS {mem.uss / MiB:7.1f} MiB  PSS {mem.pss / MiB:7.1f} MiB"
-        print(f"{proc.pid:<8} {sizes}  {command[:60]}")
+        print(f"{proc.pid:<8} {sizes}  {name[:15]:<15} {command[:45]}")
     print(f"{'total':<8} PSS {total:7.1f} MiB")
     return 0
 

@@ -1,6 +1,9 @@
 """docs/models.md, run as a user runs it: train the model with the documented command, serve
 `--tasks examples.digits.tasks --workers 2`, then send the guide's own curl body (read from the
 guide), the sample bodies, a bad image, and run the guide's Python block against the real server.
+And what step 3 promises of the preload: a missing model file is trained by it in the worker parent
+before the first worker is ready (its output in the service's log), and without `DIGITS_MODEL` the
+start fails with exit code 1 and the line the guide shows.
 
 `DIGITS_TREES=30` keeps the training under a second; the digits the guide shows are still the answers
 (held-out digits 0-3 are 7, 6, 3, 7 for every forest size tried), and the Python block must get at
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, http, post_json
+from tests.conftest import ROOT, ServerProcess, http, post_json, start_server, wait_for
 
 GUIDE = ROOT / "docs" / "models.md"
 ENV = {"DIGITS_TREES": "30"}
@@ -108,3 +111,32 @@ def test_the_guides_python_block_runs_against_the_server(server: ServerProcess, 
     assert match, done.stdout
     assert int(match.group(1)) >= 324
     assert server.stop() == 0
+
+
+def test_a_missing_model_file_is_trained_by_the_preload_before_a_worker_is_ready(server_factory, tmp_path) -> None:
+    path = tmp_path / "new" / "digits.joblib"
+    server = server_factory("--tasks", "examples.digits.tasks", "--workers", "2",
+                            env={**ENV, "DIGITS_MODEL": str(path)})
+    assert path.is_file(), "/readyz said ready before the preload had trained the model"
+    log = server.log()
+    assert re.search(rf"procbridge\.task: worker \d+ \(preload\) stderr: DIGITS_MODEL={re.escape(str(path))} does not "
+                     r"exist: training the model into it", log), log
+    assert re.search(r"\(preload\) stderr: trained 30 trees", log), log
+    body = json.loads(python("-m", "examples.digits.sample").stdout)
+    reply = post_json(server.url + "/v1/tasks/classify_digit", body)
+    assert reply.status == 200 and reply.json()["result"]["digit"] == 7, reply.body
+    assert server.stop() == 0
+
+
+def test_without_DIGITS_MODEL_the_start_fails_with_the_line_the_guide_shows(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("DIGITS_MODEL", raising=False)
+    server = start_server(tmp_path, "--tasks", "examples.digits.tasks", wait_ready=False)
+    try:
+        assert server.proc.wait(60) == 1, server.log()
+        wait_for(lambda: not server.leftovers(), 10, what="every process of the service to be gone")
+        last = server.log().strip().splitlines()[-1]
+        line = "cannot start: preload hook examples.digits.tasks.model raised RuntimeError: DIGITS_MODEL is not set"
+        assert line in last, last
+        assert line in guide()
+    finally:
+        server.kill_all()
