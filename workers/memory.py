@@ -51,7 +51,8 @@ def read_all(pids: list[int]) -> dict[int, MemoryUse]:
 
 class MemorySampler:
     """The last reading of some processes' memory, refreshed on demand on a helper thread, at most
-    once per `max_age` seconds however many callers ask at once (a scrape, /v1/workers)."""
+    once per `max_age` seconds however many callers ask at once (a scrape, /v1/workers), and at once
+    when the processes changed (a replacement worker is not shown without its memory)."""
 
     def __init__(self, pids: Callable[[], list[int]]) -> None:
         self._pids = pids
@@ -60,10 +61,11 @@ class MemorySampler:
         self._reading: asyncio.Future[dict[int, MemoryUse]] | None = None
 
     async def sample(self, max_age: float = 1.0) -> None:
-        if time.monotonic() - self._at < max_age:
+        pids = self._pids()
+        if time.monotonic() - self._at < max_age and set(pids) == set(self.last):
             return
         if self._reading is None:
-            self._reading = asyncio.get_running_loop().run_in_executor(None, read_all, self._pids())
+            self._reading = asyncio.get_running_loop().run_in_executor(None, read_all, pids)
         reading = self._reading
         try:
             self.last = await asyncio.shield(reading)
