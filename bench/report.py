@@ -1,8 +1,9 @@
 """The benchmark's report: comparison plots (PNG) and docs/benchmarks.md, from the results dict.
 
-The section "## Shared-memory payloads" of an existing report belongs to the shared-memory
-benchmark's owner: it is carried over verbatim (up to the next `## ` heading) when the file is
-regenerated.
+Two sections of an existing report are written by hand from other scripts' runs and carried over
+verbatim (each up to the next `## ` heading), in this order, when the file is regenerated:
+"## Shared-memory payloads" (scripts/shm_bench.py) and "## Worker state: preload, memory,
+replacement" (scripts/worker_state_bench.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHM_HEADING = "## Shared-memory payloads"
+WORKER_STATE_HEADING = "## Worker state: preload, memory, replacement"
+KEPT_HEADINGS = (SHM_HEADING, WORKER_STATE_HEADING)  # hand-written sections carried over, in this order
 LABELS = {
     "naive": "naive (aiohttp, inline)",
     "stdlib": "stdlib (aiohttp + ProcessPoolExecutor)",
@@ -86,10 +89,15 @@ def _src(name: str, md_dir: Path) -> str:
     return f"[bench/apps/{name}]({_link(str(path), md_dir)})"
 
 
+def existing_section(old: str, heading: str) -> str | None:
+    """The section under `heading` (a `## ` line) of an earlier report, verbatim, if it has one."""
+    m = re.search(rf"^{re.escape(heading)}\b.*?(?=^## |\Z)", old, re.MULTILINE | re.DOTALL)
+    return m.group(0).rstrip() + "\n" if m else None
+
+
 def existing_shm_section(old: str) -> str | None:
     """The "## Shared-memory payloads" section of an earlier report, verbatim, if it has one."""
-    m = re.search(rf"^{re.escape(SHM_HEADING)}\b.*?(?=^## |\Z)", old, re.MULTILINE | re.DOTALL)
-    return m.group(0).rstrip() + "\n" if m else None
+    return existing_section(old, SHM_HEADING)
 
 
 def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_path: Path, old: str = "") -> str:
@@ -281,11 +289,12 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
             "the machine): " + "; ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in loop_cpu.items()) + " µs.")
     add("")
 
-    # -- shm --
-    section = existing_shm_section(old)
-    if section:
-        lines.extend(section.rstrip("\n").split("\n"))
-        add("")
+    # -- hand-written: shm, worker state --
+    for heading in KEPT_HEADINGS:
+        section = existing_section(old, heading)
+        if section:
+            lines.extend(section.rstrip("\n").split("\n"))
+            add("")
     # -- CPU --
     add("## The load generator and the CPUs")
     add("")

@@ -8,4 +8,7 @@ workers.builtin_tasks) on the same endpoints: `POST /v1/tasks/{name}` with a JSO
 - `wsgi`: a minimal WSGI app, served by gunicorn with sync workers (one per core).
 
 Each gets what procbridge gets (uvloop, orjson, no access log) and nothing is slowed down.
+
+Not a baseline: `worker_state`, the task module scripts/worker_state_bench.py serves with procbridge
+(a `@preload` "model", an `@on_worker_start` that logs each worker, a task that reads the model).
 """

@@ -179,3 +179,17 @@ def test_py_spy_raw_profiles_are_split_per_process():
 def test_scripts_are_executable():
     for script in ("bench", "loadtest.py"):
         assert (Path(ROOT) / "scripts" / script).stat().st_mode & 0o111
+
+
+def test_the_hand_written_sections_are_carried_over_in_order():
+    from bench.report import WORKER_STATE_HEADING, existing_section, markdown
+
+    state = f"{WORKER_STATE_HEADING}\n\nWritten by the owner of scripts/worker_state_bench.py.\n\n| a | b |\n"
+    old = "# B\n\n" + state + "\n## Goals\n\nx\n\n" + SHM_TEXT + "\n## Next\n\ny\n"
+    assert existing_section(old, WORKER_STATE_HEADING) == state
+    assert existing_section("# B\n\n## Goals\n", WORKER_STATE_HEADING) is None
+    results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())  # the committed run's figures
+    md = markdown(results, {}, ROOT / "docs", ROOT / "docs" / "benchmarks.json", old)
+    assert SHM_TEXT in md and state in md
+    assert md.index("\n## Dispatch overhead") < md.index(SHM_TEXT) < md.index(state) < md.index("\n## The load")
+    assert "## Next" not in md  # only the two sections are carried over
