@@ -188,10 +188,12 @@ class _Parent:
 
         return worker_main(socket.socket(fileno=sock_fd), options)
 
-    def reap(self) -> None:
-        while True:
+    def reap(self, block: bool = False) -> None:
+        """Reap the children that have exited (with `block`, wait for every one left) and write each
+        one's exit code on its status pipe."""
+        while self.children or not block:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -216,16 +218,7 @@ class _Parent:
             for kill in (os.killpg, os.kill):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     kill(pid, signal.SIGKILL)
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            status_w = self.children.pop(pid, None)
-            if status_w is not None:
-                with contextlib.suppress(OSError):
-                    os.write(status_w, EXIT.pack(os.waitstatus_to_exitcode(status)))
-                os.close(status_w)
+        self.reap(block=True)
 
 
 if __name__ == "__main__":
