@@ -6,6 +6,6 @@ for state built once: workers/hooks.py).
 
 from workers.context import progress
 from workers.hooks import on_worker_start, preload
-from workers.registry import task
+from workers.registry import Batch, task
 
-__all__ = ["on_worker_start", "preload", "progress", "task"]
+__all__ = ["Batch", "on_worker_start", "preload", "progress", "task"]

@@ -22,13 +22,55 @@ BUILTIN_MODULE = "workers.builtin_tasks"
 
 
 @dataclass(frozen=True)
+class Batch:
+    """`@task(batch=Batch(...))`: concurrent calls gathered into one invocation of a function whose
+    parameters are lists (one element per call) and which returns a list of the same length. A batch
+    leaves with `max_size` calls, or `max_wait_ms` after its first call arrived, whichever is first."""
+
+    max_size: int = 32
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or not 1 <= self.max_size <= 10_000:
+            raise ValueError(f"Batch(max_size=...) must be an integer from 1 to 10000, got {self.max_size!r}")
+        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, int | float) or not (
+            0 <= self.max_wait_ms <= 60_000
+        ):
+            raise ValueError(f"Batch(max_wait_ms=...) must be a number from 0 to 60000, got {self.max_wait_ms!r}")
+
+
+FUNCTION, COROUTINE, GENERATOR, ASYNC_GENERATOR = "function", "coroutine", "generator", "async_generator"
+
+
+@dataclass(frozen=True)
 class TaskSpec:
-    """One registered task: its public name and the function behind it."""
+    """One registered task: its public name, the function behind it and its options (`@task`'s
+    keywords: None means the service's default)."""
 
     name: str
     fn: Callable[..., Any]
     module: str
     doc: str = ""
+    timeout: float | None = None  # seconds; replaces --task-timeout for this task (a call may shorten it)
+    concurrency: int | None = None  # at most this many calls of the task run at once across the pool
+    retries: int = 0  # async jobs: attempts after a failed one
+    batch: Batch | None = None
+
+    @functools.cached_property
+    def kind(self) -> str:
+        """How the function runs: a plain call, a coroutine, or a (sync or async) generator that streams."""
+        fn = inspect.unwrap(self.fn)
+        if inspect.isasyncgenfunction(fn):
+            return ASYNC_GENERATOR
+        if inspect.isgeneratorfunction(fn):
+            return GENERATOR
+        if inspect.iscoroutinefunction(fn):
+            return COROUTINE
+        return FUNCTION
+
+    @property
+    def streams(self) -> bool:
+        return self.kind in (GENERATOR, ASYNC_GENERATOR)
 
     @functools.cached_property
     def signature(self) -> inspect.Signature:
@@ -96,14 +138,36 @@ _REGISTRY: dict[str, TaskSpec] = {}
 @overload
 def task(fn: F, /) -> F: ...
 @overload
-def task(*, name: str | None = None) -> Callable[[F], F]: ...
+def task(
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    concurrency: int | None = None,
+    retries: int = 0,
+    batch: Batch | None = None,
+) -> Callable[[F], F]: ...
 
 
-def task(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+def task(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    concurrency: int | None = None,
+    retries: int = 0,
+    batch: Batch | None = None,
+) -> F | Callable[[F], F]:
     """Register a module-level function as a task, named after the function unless `name` is given.
 
+    - `timeout`: seconds a call may run, in place of --task-timeout (a call's own timeout can only
+      shorten it);
+    - `concurrency`: at most this many calls of the task run at once across the pool; the others wait;
+    - `retries`: for async jobs, how many times a failed attempt runs again (calls are never retried);
+    - `batch`: gather concurrent calls into one invocation (see `Batch`).
+
     The function itself is returned unchanged, so it stays a plain function (importable, picklable
-    by reference, callable in tests).
+    by reference, callable in tests). A bad option is refused here, at import, naming the task.
     """
 
     def register(f: F) -> F:
@@ -112,13 +176,39 @@ def task(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F]
         tname = f.__name__ if name is None else name  # an empty name is refused, not ignored
         if not tname.isidentifier():
             raise ValueError(f"task name {tname!r} is not an identifier")
+        _check_options(tname, timeout, concurrency, retries, batch)
         old = _REGISTRY.get(tname)
         if old is not None and (old.module, old.fn.__qualname__) != (f.__module__, f.__qualname__):
             raise ValueError(f"task {tname!r} is already registered by {old.module}.{old.fn.__qualname__}")
-        _REGISTRY[tname] = TaskSpec(tname, f, f.__module__, inspect.cleandoc(f.__doc__ or ""))
+        spec = TaskSpec(
+            tname, f, f.__module__, inspect.cleandoc(f.__doc__ or ""),
+            timeout=None if timeout is None else float(timeout), concurrency=concurrency, retries=retries,
+            batch=batch,
+        )
+        if batch is not None and spec.streams:
+            raise ValueError(f"task {tname!r}: a generator task streams its items; it cannot also take batch=")
+        _REGISTRY[tname] = spec
         return f
 
     return register(fn) if fn is not None else register
+
+
+def _check_options(
+    name: str, timeout: float | None, concurrency: int | None, retries: int, batch: Batch | None
+) -> None:
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf")
+    ):
+        raise ValueError(f"task {name!r}: timeout= must be a number of seconds > 0, got {timeout!r}")
+    if concurrency is not None and (not whole(concurrency) or concurrency < 1):
+        raise ValueError(f"task {name!r}: concurrency= must be an integer >= 1, got {concurrency!r}")
+    if not whole(retries) or not 0 <= retries <= 100:
+        raise ValueError(f"task {name!r}: retries= must be an integer from 0 to 100, got {retries!r}")
+    if batch is not None and not isinstance(batch, Batch):
+        raise TypeError(f"task {name!r}: batch= takes a workers.Batch(max_size=..., max_wait_ms=...), got {batch!r}")
 
 
 def get(name: str) -> TaskSpec | None:
