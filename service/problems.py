@@ -20,6 +20,7 @@ from workers.errors import (
     Overloaded,
     PoolClosed,
     PoolError,
+    StreamingUnsupported,
     TaskFailed,
     TaskTimeout,
     WorkerCrashed,
@@ -54,6 +55,7 @@ TITLES = {
     "header-too-large": "Request header fields too large",
     "too-many-connections": "Too many open connections",
     "timeout": "The request timed out inside the service",
+    "streaming-unsupported": "This executor cannot stream the task's items",
 }
 
 
@@ -137,6 +139,8 @@ def from_pool_error(exc: PoolError, *, debug: bool = False) -> Problem:
         return overloaded(exc.pending)
     if isinstance(exc, PoolClosed):
         return draining()
+    if isinstance(exc, StreamingUnsupported):
+        return Problem(501, "streaming-unsupported", str(exc))
     return Problem(500, "internal-error", f"{type(exc).__name__}: {exc}")
 
 

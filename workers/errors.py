@@ -75,6 +75,19 @@ class Overloaded(PoolError):
         return f"{self.pending} tasks are already waiting for a worker; retry later"
 
 
+class StreamingUnsupported(PoolError):
+    """This executor cannot stream a generator task's items (the Dask executor: docs/dask.md)."""
+
+    def __init__(self, task: str, executor: str) -> None:
+        super().__init__(task, executor)
+        self.task = task
+        self.executor = executor
+
+    def __str__(self) -> str:
+        return (f"task {self.task!r} is a generator, whose items stream; the {self.executor} cannot stream them "
+                "(run it on the local pool)")
+
+
 class PoolClosed(PoolError):
     """The pool is draining or closed and takes no new work (or dropped this call while stopping)."""
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from workers import context, registry
+from workers import aio, context, registry
 from workers.protocol import (
     CALL_MAP,
     CALL_TASK,
@@ -243,14 +243,15 @@ _FUNCTIONS: dict[bytes, Any] = {}  # executor calls' plain functions, by their p
 
 
 def lookup(name: str) -> tuple[Callable[..., Any], str | None]:
-    """The task's function and the name of its parameter annotated `memoryview` (if any), kept
-    after the first call."""
+    """The task's function as a plain call (an `async def` runs on this thread's loop, a generator
+    is collected into a list: workers/aio.py) and the name of its parameter annotated `memoryview`
+    (if any), kept after the first call."""
     found = _TASKS.get(name)
     if found is None:
         spec = registry.get(name)
         if spec is None:
             raise LookupError(f"task {name!r} is not registered in this worker")
-        found = _TASKS[name] = (spec.fn, spec.view_param)
+        found = _TASKS[name] = (aio.plain(spec.fn, spec.kind), spec.view_param)
     return found
 
 

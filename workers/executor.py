@@ -3,6 +3,7 @@
     service/ (handlers, jobs, metrics)
         │  await executor.call(task, kwargs, CallOptions(...)) ──▶ Outcome | PoolError
         │  await executor.call_chunk(task, items, timeout)      ──▶ [Outcome | TaskFailed, ...]
+        │  async for item in executor.call_stream(task, kwargs, CallOptions(...)) ──▶ JSON bytes, ...
         │  executor.pending / alive / closing / rows() / readiness() / payload_stats() ...
         ▼
     Executor (this module: the declared interface, neutral defaults, one lifecycle)
@@ -36,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from workers.errors import TaskFailed
+from workers.errors import StreamingUnsupported, TaskFailed
 
 if TYPE_CHECKING:
     from workers.memory import MemoryUse
@@ -78,6 +79,26 @@ class CallOptions(NamedTuple):
 
 
 PLAIN_CALL = CallOptions()
+
+
+class ItemStream(Protocol):
+    """A generator task's items as they come (`Executor.call_stream`): each one JSON bytes, in the
+    order yielded. `async for` ends after the last item (then `outcome` holds the count as its value,
+    the pid and the seconds it ran), or raises what ended the call (TaskFailed mid-stream, WorkerCrashed,
+    TaskTimeout, Overloaded, PoolClosed, StreamingUnsupported). `pid`: the worker, once known.
+    `aclose()` (always call it: `contextlib.aclosing`) stops the generator if it still runs; it never
+    waits. Cancelling a consumer waiting for an item stops the call as cancelling `call` does."""
+
+    outcome: Outcome | None
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def __aiter__(self) -> ItemStream: ...
+
+    async def __anext__(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
 
 
 class PayloadBuffer(Protocol):
@@ -180,6 +201,14 @@ class Executor(cf.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """concurrent.futures: run a picklable module-level function on a worker."""
         raise NotImplementedError
+
+    def call_stream(self, task: str, kwargs: dict[str, Any], options: CallOptions = PLAIN_CALL) -> ItemStream:
+        """Run generator task `task` (`TaskSpec.streams`), its items as they are yielded, with flow
+        control (a reader that does not read stops the generator a bounded number of items ahead).
+        `options.encode_json` is implied (items are JSON); the timeout covers the whole stream.
+        Neutral default: StreamingUnsupported (a backend that cannot stream; `call` still returns
+        a generator task's items as one list)."""
+        raise StreamingUnsupported(task, f"{type(self).__name__} executor")
 
     async def _open(self) -> None:
         """Get ready to take calls (start the workers, connect to the cluster)."""

@@ -12,6 +12,7 @@ unpickled (client bodies are parsed as JSON or passed on as opaque bytes).
 from __future__ import annotations
 
 import pickle
+import select
 import socket
 import struct
 from typing import Any, NamedTuple
@@ -195,6 +196,13 @@ class BlockingFrames:
                 self._pos = 0
             with memoryview(self._scratch) as view:
                 buf += view[:n]
+
+    def ready(self) -> bool:
+        """Whether data for `recv` has arrived (buffered here or waiting in the socket); never blocks."""
+        if len(self._buf) > self._pos:
+            return True
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        return bool(readable)
 
     def send(self, obj: Any) -> None:
         header, payload = dumps(obj)

@@ -17,6 +17,9 @@ whichever way the call went:
     [(call_id, SEGMENT_REQUEST, size, 0.0)]      ◀──  a large bytes result wants a segment...
     (GRANT_SEGMENT, call_id, name | None)        ──▶  ...which the service grants (or not)
     (FORGET_SEGMENTS, [name, ...])               ──▶  unlinked segments: unmap them
+    [(call_id, STREAM_ITEM, item, 0.0)]          ◀──  a CALL_STREAM's item, at once, one per frame...
+    (STREAM_ACK, call_id, taken)                 ──▶  ...the service took `taken` of them (credit)
+    (STREAM_CLOSE, call_id)                      ──▶  its consumer is gone: close the generator
     [(0, RETIRE_NOTICE, reason, 0.0)]                 ◀──  the worker exits after this frame
     WORKER_READY                                 ◀──  once, when the worker has started (its
                                                       on_worker_start hooks ran), or instead
@@ -46,6 +49,7 @@ from typing import Final
 CALL_TASK: Final = 0  # run registered task `name` with the kwargs in `payload` (plain data)
 CALL_FUNCTION: Final = 1  # payload: pickle.dumps((pickle.dumps(fn), args, kwargs)); local pool only
 CALL_MAP: Final = 2  # payload: a list of kwargs for task `name`, each item run and failing on its own
+CALL_STREAM: Final = 4  # a generator task: kwargs as CALL_TASK; its items come as STREAM_ITEM (workers/streaming.py)
 
 # -- how a call ended (the tag of a result row) -------------------------------------------------------
 
@@ -61,6 +65,7 @@ RESULT_SHM: Final = 8  # ShmRef(name, length): the bytes are in the segment gran
 RETIRE_NOTICE: Final = 4  # call id 0, payload the reason (workers/stats.py RETIRE_*): it exits after this frame
 PROGRESS_REPORT: Final = 6  # payload (done, total | None, message | None), from the task's progress()
 SEGMENT_REQUEST: Final = 7  # payload: the size of the running call's bytes result; answered by GRANT_SEGMENT
+STREAM_ITEM: Final = 16  # payload: one item of a CALL_STREAM, JSON bytes; the call ends with RESULT_JSON (the count)
 
 # -- how a call ended when the Dask worker thread stopped its runner child (workers/dask/remote.py only) ---------
 
@@ -76,3 +81,5 @@ WORKER_READY: Final = "ready"  # worker -> service, alone in its frame: the work
 WORKER_START_FAILED: Final = "start-failed"  # worker -> service: (WORKER_START_FAILED, one line, traceback): it exits
 GRANT_SEGMENT: Final = "grant"  # service -> worker: (GRANT_SEGMENT, call_id, segment name | None: send inline)
 FORGET_SEGMENTS: Final = "forget"  # service -> worker: (FORGET_SEGMENTS, [names]): unlinked, unmap them
+STREAM_ACK: Final = "ack"  # service -> worker: (STREAM_ACK, call_id, items taken so far): more credit
+STREAM_CLOSE: Final = "close"  # service -> worker: (STREAM_CLOSE, call_id): stop that stream (gen.close())

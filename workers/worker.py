@@ -55,17 +55,23 @@ from workers import hooks, registry
 from workers.execution import Execution, Progress, Report, describe_exception
 from workers.framing import BlockingFrames, dumps
 from workers.protocol import (
+    CALL_STREAM,
     FORGET_SEGMENTS,
     GRANT_SEGMENT,
     PROGRESS_REPORT,
     RESULT_ERROR,
+    RESULT_JSON,
     RETIRE_NOTICE,
     SEGMENT_REQUEST,
+    STREAM_ACK,
+    STREAM_CLOSE,
+    STREAM_ITEM,
     WORKER_READY,
     WORKER_START_FAILED,
 )
 from workers.shm import Mappings
 from workers.stats import RETIRE_MAX_MEMORY, RETIRE_MAX_TASKS, RowWriter, WorkerTable
+from workers.streaming import WINDOW, run_stream
 
 _FAST = 0.0005  # a task whose average run is under this is worth coalescing behind
 _COALESCE_FOR = 0.001  # a finished result waits at most this long for company
@@ -118,7 +124,9 @@ def main(sock: socket.socket, options: WorkerOptions) -> int:
     table = WorkerTable.attach(options.table_name, options.table_slots) if options.table_name else None
     row: RowWriter | _NoRow = _NoRow() if table is None else RowWriter(table, options.slot, os.getpid())
     link = _Link(frames)
-    execution = Execution(maps=link.maps, threshold=options.shm_threshold, segment_for=link.segment_for)
+    execution = link.execution = Execution(
+        maps=link.maps, threshold=options.shm_threshold, segment_for=link.segment_for
+    )
     row.idle(time.process_time())
     try:
         link.frames.send(WORKER_READY)
@@ -158,7 +166,7 @@ class _Link:
     """The worker's end of the wire: frames, the calls received and not yet run, and the segments
     it has mapped. Control frames (grants, forgets) can arrive between call batches at any time."""
 
-    __slots__ = ("cpu", "frames", "maps", "pending", "stale")
+    __slots__ = ("closed", "cpu", "execution", "frames", "maps", "pending", "stale", "stream")
 
     def __init__(self, frames: BlockingFrames) -> None:
         self.frames = frames
@@ -166,6 +174,9 @@ class _Link:
         self.pending: deque[tuple[Any, ...]] = deque()
         self.cpu = time.process_time()  # CPU seconds at the end of the last call (or of the last batch)
         self.stale = False  # calls ran since `cpu` was read (tiny ones: it is read at the end of their batch)
+        self.execution: Execution | None = None
+        self.stream = [0, 0, 0]  # the running CALL_STREAM: [call id, items sent, items taken (acked)]
+        self.closed: deque[int] = deque(maxlen=64)  # streams whose consumer went away (STREAM_CLOSE)
 
     def receive(self) -> bool:
         """Wait for the next batch of calls (into `pending`); False once the service closed the socket."""
@@ -196,9 +207,45 @@ class _Link:
         """Send a progress report of the running call at once, in its own frame."""
         self.frames.send([(call_id, PROGRESS_REPORT, report, 0.0)])
 
+    def run_stream(self, call_id: int, name: str, payload: Any, shared: bool, progress: Progress | None) -> Any:
+        """A CALL_STREAM (workers/streaming.py), its items sent by `stream_item`; one closed
+        before it started (its consumer went away while it waited here) ends at once with 0 items."""
+        assert self.execution is not None
+        if call_id in self.closed:
+            return RESULT_JSON, b"0"
+        self.stream = [call_id, 0, 0]
+        try:
+            return run_stream(self.execution, name, payload, shared, call_id, progress, self.stream_item)
+        finally:
+            self.stream = [0, 0, 0]
+
+    def stream_item(self, call_id: int, item: bytes) -> bool:
+        """Send one item of the running stream at once; False once its consumer is gone. Before the
+        generator is asked for the next item, wait while WINDOW items are sent and not taken (the
+        service's STREAM_ACK frames say how many it took), reading what else arrives meanwhile."""
+        stream = self.stream
+        self.frames.send([(call_id, STREAM_ITEM, item, 0.0)])
+        stream[1] += 1
+        while call_id not in self.closed:
+            if stream[1] - stream[2] < WINDOW and not self.frames.ready():
+                return True
+            frame = self.frames.recv()
+            if frame is None:
+                raise ConnectionResetError("the service closed the socket")
+            if type(frame) is list:
+                self.pending.extend(frame)  # calls pipelined behind this one: run after it
+            else:
+                self._control(frame)
+        return False
+
     def _control(self, frame: tuple[Any, ...]) -> None:
         if frame[0] == FORGET_SEGMENTS:
             self.maps.forget(frame[1])
+        elif frame[0] == STREAM_ACK:
+            if frame[1] == self.stream[0]:
+                self.stream[2] = max(self.stream[2], frame[2])
+        elif frame[0] == STREAM_CLOSE:
+            self.closed.append(frame[1])
 
 
 def _serve(link: _Link, row: RowWriter | _NoRow, options: WorkerOptions, run: _Run) -> None:
@@ -248,7 +295,10 @@ def _run(call: tuple[Any, ...], row: RowWriter | _NoRow, link: _Link, run: _Run)
     row.begin(call_id, name, time.monotonic(), link.cpu)
     start = time.perf_counter()
     progress = Progress(link.report, call_id) if report else None
-    status, value = run(kind, name, payload, encode, shared, call_id, progress)
+    if kind == CALL_STREAM:
+        status, value = link.run_stream(call_id, name, payload, shared, progress)
+    else:
+        status, value = run(kind, name, payload, encode, shared, call_id, progress)
     elapsed = time.perf_counter() - start
     if elapsed >= _CPU_EXACT:
         link.cpu = time.process_time()

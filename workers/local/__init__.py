@@ -4,6 +4,7 @@ One call's way through the package, and what sits beside it:
 
     caller (service/, run_in_executor)
       │  WorkerPool.call / call_chunk / submit ──────────────────────────────────────── pool.py
+      │  WorkerPool.call_stream: a generator's items, with flow control ──────────── streams.py
       │    Call: id, kind, task, arguments, waiter ────────────────────────────────── calls.py
       │    large bytes ──▶ Broker.share: copied into shared-memory leases ────────── broker.py
       ▼
@@ -17,6 +18,7 @@ One call's way through the package, and what sits beside it:
       │  frame ─▶ a plain value: settled at once (pool.py, the hot path)
       │           any other message: its own handler ─────────────────────────── frames.py
       │             PROGRESS_REPORT, SEGMENT_REQUEST (the broker grants a segment), RETIRE_NOTICE,
+      │             STREAM_ITEM (to its stream's consumer: streams.py),
       │             RESULT_ERROR, RESULT_PICKLED, RESULT_CHUNK, RESULT_SHM (names from workers/protocol.py)
       ▼
     settle the waiter (LoopFuture on the loop's thread: loop_future.py), then refill the window
@@ -33,5 +35,5 @@ One call's way through the package, and what sits beside it:
 The parts hold no reference to the pool: each gets the `PoolState` and what else it needs at
 construction (the supervisor: the pool's read callback, its requeue and the executor's restart
 counter and background runner; the frame handlers: the supervisor and the broker), so the imports
-run one way: pool → frames → supervisor, broker → state → handle → calls.
+run one way: pool → frames → streams, supervisor, broker → state → handle → calls.
 """

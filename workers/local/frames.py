@@ -11,6 +11,7 @@ once (`FrameHandlers.controls()`, `.results()`):
         SEGMENT_REQUEST  `alloc`     the running call wants a segment for its bytes result: the broker
                                      grants one
         RETIRE_NOTICE    `retire`    the worker exits after this frame: the supervisor marks it
+        STREAM_ITEM      `on_item`   an item of a running stream, to its consumer (streams.py)
     results, after the pool took the call out of the window, timed it and released its argument
     segments: handler(w, call, status, payload, elapsed)
         RESULT_ERROR     `error`     TaskFailed for the caller
@@ -37,6 +38,7 @@ from workers.local.broker import Broker
 from workers.local.calls import Call, drop, settle
 from workers.local.handle import WorkerHandle
 from workers.local.state import PoolState
+from workers.local.streams import on_item
 from workers.local.supervisor import Supervisor
 from workers.protocol import (
     CALL_FUNCTION,
@@ -50,6 +52,7 @@ from workers.protocol import (
     RESULT_VALUE,
     RETIRE_NOTICE,
     SEGMENT_REQUEST,
+    STREAM_ITEM,
 )
 from workers.shm import Lease
 
@@ -77,7 +80,8 @@ class FrameHandlers:
         self._broker = broker
 
     def controls(self) -> dict[int, ControlHandler]:
-        return {PROGRESS_REPORT: self.progress, SEGMENT_REQUEST: self.alloc, RETIRE_NOTICE: self.retire}
+        return {PROGRESS_REPORT: self.progress, SEGMENT_REQUEST: self.alloc, RETIRE_NOTICE: self.retire,
+                STREAM_ITEM: on_item}
 
     def results(self) -> dict[int, ResultHandler]:
         return {

@@ -37,13 +37,14 @@ from typing import Any
 
 from workers import framing, protocol
 from workers.errors import Overloaded, PoolClosed, TaskFailed
-from workers.executor import PLAIN_CALL, CallOptions, Executor, Outcome
+from workers.executor import PLAIN_CALL, CallOptions, Executor, ItemStream, Outcome
 from workers.local.broker import Broker
 from workers.local.calls import Call, claim, drop, drop_leases, settle
 from workers.local.frames import ControlHandler, FrameHandlers, ResultHandler
 from workers.local.handle import WorkerHandle
 from workers.local.loop_future import LoopFuture
 from workers.local.state import PoolOptions, PoolState
+from workers.local.streams import PoolStream
 from workers.local.supervisor import Supervisor
 from workers.memory import MemorySampler, MemoryUse
 from workers.protocol import CALL_FUNCTION, CALL_MAP, CALL_TASK, RESULT_JSON, RESULT_VALUE, WORKER_READY
@@ -118,8 +119,7 @@ class WorkerPool(Executor):
             raise
 
     async def _stop(self) -> None:
-        """Fail what is queued, stop every worker (killing those still busy), free the table and
-        the segments."""
+        """Fail what is queued, stop every worker (killing the busy ones), free the table and segments."""
         for call in self._queue:
             settle(call.waiter, error=PoolClosed())
             drop(call)
@@ -194,6 +194,9 @@ class WorkerPool(Executor):
             ):
                 await broker.share(call)
         return await self._await(call, waiter)
+
+    def call_stream(self, task: str, kwargs: dict[str, Any], options: CallOptions = PLAIN_CALL) -> ItemStream:
+        return PoolStream(self, task, kwargs, options)  # a generator task's items, with flow control: streams.py
 
     async def _await(self, call: Call, waiter: asyncio.Future[Any]) -> Any:
         try:
@@ -403,8 +406,7 @@ class WorkerPool(Executor):
             self._refill(w)
 
     def _requeue(self, calls: list[Call]) -> None:
-        """The supervisor's hand-back: calls a dead worker never started go first in line, and
-        queued calls go to idle workers."""
+        """The supervisor's hand-back: calls a dead worker never started go first in line, to idle workers."""
         self._queue.extendleft(reversed(calls))
         self._pump()
         self._check_quiet()
