@@ -21,6 +21,7 @@ from service.body import body_kind, expect_continue, parse_object, read_body, re
 from service.problems import Problem, from_pool_error, invalid_argument
 from service.responses import JSON_TYPE, bytes_response, json_response
 from service.state import SERVICE, Service
+from service.stream_handler import stream_call
 from service.validation import TaskEntry, call_timeout
 from workers.errors import PoolError
 from workers.executor import CallOptions
@@ -78,6 +79,8 @@ async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -
             raise invalid_argument(extra[0], "with a JSON body, arguments go in the body, not the query string",
                                    "given in the query string", more=extra[1:])
         kwargs = service.catalog.validate_json(entry, parse_object(body))
+        if entry.spec.streams:  # a generator: its items as NDJSON, as they come
+            return await stream_call(request, service, entry, kwargs, timeout)
         outcome = await run_task(service, entry.name, kwargs, timeout)
     else:
         query = {k: v for k, v in request.query.items() if k != "timeout"}
@@ -90,6 +93,8 @@ async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -
         )
         try:
             kwargs[entry.spec.bytes_param or ""] = payload
+            if entry.spec.streams:
+                return await stream_call(request, service, entry, kwargs, timeout)
             outcome = await run_task(service, entry.name, kwargs, timeout)
         finally:
             if not isinstance(payload, bytes):

@@ -1,8 +1,9 @@
 """In-process fan-out of job events to server-sent-event listeners.
 
 Each listener gets its own bounded queue, so several listeners on one job each see the whole stream
-and a slow listener cannot hold the runner back: when its queue is full, its oldest progress events
-are dropped (the latest progress is what matters), never status, result or error events. Listeners
+and a slow listener cannot hold the runner back: when its queue is full, its oldest progress or item
+event is dropped (the latest progress is what matters; every item is in the job's result), never
+status, result or error events. Listeners
 on another replica's job fall back to re-reading the store (see handlers.job_events).
 """
 
@@ -26,7 +27,7 @@ class JobEvents:
     def publish(self, job_id: str, event: str, data: dict[str, Any]) -> None:
         for queue in self._listeners.get(job_id, ()):
             while queue.full():
-                dropped = _drop_one_progress(queue)
+                dropped = _drop_one_live(queue)
                 if not dropped:
                     break
             with contextlib.suppress(asyncio.QueueFull):
@@ -49,13 +50,16 @@ class JobEvents:
         return bool(self._listeners.get(job_id))
 
 
-def _drop_one_progress(queue: asyncio.Queue[Event]) -> bool:
-    """Remove the oldest progress event from a full queue; False if it holds none."""
+_LIVE = frozenset({"progress", "item"})  # events a listener may miss: what they say is kept elsewhere
+
+
+def _drop_one_live(queue: asyncio.Queue[Event]) -> bool:
+    """Remove the oldest progress or item event from a full queue; False if it holds none."""
     items: list[Event] = []
     dropped = False
     while not queue.empty():
         item = queue.get_nowait()
-        if not dropped and item[0] == "progress":
+        if not dropped and item[0] in _LIVE:
             dropped = True
             continue
         items.append(item)

@@ -117,7 +117,8 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
-    """SSE: the current state first, then `progress` and `status` events, then `result` or `error`."""
+    """SSE: the current state first, then `progress`, `status` and (a generator task) `item` events,
+    then `result` or `error`."""
     runner = _jobs(request.app[SERVICE])
     job = await _load(request)
     with runner.events.listen(job.id) as queue:
@@ -158,7 +159,7 @@ class _JobStream:
             if data == self._progress:
                 return
             self._progress = data
-        else:
+        elif event != "item":  # a generator's item, as it is yielded; the rest end the stream
             self.ended = True
         await self.sse.send(orjson.dumps(data).decode(), event=event)
 

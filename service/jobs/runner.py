@@ -6,7 +6,9 @@ runner died (crash, SIGKILL, lost replica) is queued again: on a single-replica 
 at the next start, on a shared (Redis) store by whichever replica next looks after its lease ran out
 (each looks every few seconds, and at start-up): execution is at-least-once. Progress goes to SSE
 listeners at once and to the store at most every RENEW_EVERY seconds (the latest value). A
-cancelled job's call is cancelled, which kills the worker running it.
+cancelled job's call is cancelled, which kills the worker running it. A generator task's job
+publishes each item as an `item` event as it is yielded (to listeners only: the items are in the
+result, the list of them all, once the job succeeds).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from service.jobs.store.base import JobStore
 from service.problems import Problem, from_pool_error
 from service.validation import TaskCatalog
 from workers.errors import PoolClosed, PoolError
-from workers.executor import CallOptions, Executor
+from workers.executor import CallOptions, Executor, Outcome
 
 log = logging.getLogger("procbridge.jobs")
 
@@ -190,10 +192,12 @@ class JobRunner:
             self._progress_pending[job.id] = progress
             self.events.publish(job.id, "progress", progress)
 
+        options = CallOptions(timeout=job.timeout, encode_json=True, on_progress=on_progress, kill_on_cancel=True)
         try:
-            outcome = await self.executor.call(job.task, kwargs, CallOptions(
-                timeout=job.timeout, encode_json=True, on_progress=on_progress, kill_on_cancel=True,
-            ))
+            if entry.spec.streams:  # a generator: each item an `item` event, the result their list
+                outcome = await self._stream(job, kwargs, options)
+            else:
+                outcome = await self.executor.call(job.task, kwargs, options)
         except asyncio.CancelledError:
             if not self._stopping:
                 return  # cancelled through the API: the store already says so
@@ -208,6 +212,19 @@ class JobRunner:
             await self._finish(job, SUCCEEDED, result=orjson.loads(outcome.value))
         else:
             await self._finish(job, SUCCEEDED, result_bytes=bytes(outcome.value))
+
+    async def _stream(self, job: Job, kwargs: dict[str, Any], options: CallOptions) -> Outcome:
+        """Run a generator task's job: publish each item as an `item` event as it comes; the
+        outcome's value is the JSON list of them all. A failure mid-stream raises (the job fails)."""
+        items: list[bytes] = []
+        async with contextlib.aclosing(self.executor.call_stream(job.task, kwargs, options)) as stream:
+            async for item in stream:
+                items.append(item)
+                if self.events.listening(job.id):
+                    self.events.publish(job.id, "item", {"item": orjson.loads(item)})
+            done = stream.outcome
+        pid, elapsed = (done.pid, done.elapsed) if done is not None else (0, 0.0)
+        return Outcome(b"[" + b",".join(items) + b"]", pid, elapsed, True)
 
     async def _finish(
         self, job: Job, status: str, *, result: Any = None, result_bytes: bytes | None = None,
