@@ -36,8 +36,11 @@ async def st_async_fail(message: str) -> None:
 
 
 @task
-def st_count(n: int, gate: str = "", fail_at: int = -1) -> Iterator[int]:
-    """Yield 0..n-1; after the first item wait for the file `gate` (if given); raise at `fail_at`."""
+def st_count(n: int, gate: str = "", fail_at: int = -1, before: str = "") -> Iterator[int]:
+    """Yield 0..n-1; before the first item wait for the file `before`, after it for the file `gate`
+    (each if given); raise at item `fail_at`."""
+    if before:
+        _wait_for_file(before)
     for i in range(n):
         if i == fail_at:
             raise RuntimeError(f"failed at item {i}")
@@ -57,12 +60,15 @@ async def st_async_count(n: int, gate: str = "") -> AsyncIterator[dict[str, int]
 
 
 @task
-def st_endless(closed: str, produced: str = "", size: int = 0) -> Iterator[str]:
+def st_endless(closed: str, produced: str = "", size: int = 0, gate: str = "") -> Iterator[str]:
     """Yield forever (items of `size` characters); record in `produced` how many items it has reached
-    (rewritten before each yield); its `finally` writes that count and the pid to `closed`."""
+    (rewritten before each yield); after the first item wait for the file `gate` (if given); its
+    `finally` writes that count and the pid to `closed`."""
     n = 0
     try:
         while True:
+            if n == 1 and gate:
+                _wait_for_file(gate)
             n += 1
             if produced:
                 Path(produced + ".tmp").write_text(str(n))
