@@ -133,8 +133,8 @@ async def test_a_consumer_cancelled_while_waiting_closes_the_generator_at_its_ne
         assert orjson.loads(await anext(stream)) == "1"
         pid = stream.pid
         waiting = asyncio.ensure_future(anext(stream))  # the generator waits for the gate: no item comes
-        await wait_until(lambda: isinstance(stream, PoolStream) and stream._call is not None and stream._call.wake is not None,
-                         5, "the consumer to wait")
+        assert isinstance(stream, PoolStream)
+        await wait_until(lambda: stream._call is not None and stream._call.wake is not None, 5, "the consumer to wait")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
