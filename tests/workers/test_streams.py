@@ -140,7 +140,8 @@ async def test_a_consumer_cancelled_while_waiting_closes_the_generator_at_its_ne
             await waiting
         open_gate(gate)  # it yields once more, sees the close and stops
         count, closer = (await wait_for_file(closed)).split()
-        assert int(closer) == pid and int(count) == 2
+        # Closed at the yield it reached: the first, if the close came before the worker asked for more.
+        assert int(closer) == pid and int(count) in (1, 2)
         assert (await pool.call("st_async_add", {"a": 1, "b": 1})).pid == pid
 
 
