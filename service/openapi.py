@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from service.stream_handler import stream_answer
 from service.validation import TaskCatalog, TaskEntry
 
 VERSION = "0.1.0"
@@ -136,6 +137,8 @@ def build_openapi(catalog: TaskCatalog, *, keys_required: bool = True) -> bytes:
         schema = _hoist_defs(entry.name, entry.schema, schemas)
         op = _task_operation(entry.name, entry.spec.doc, schema, entry.spec.bytes_param is not None,
                              entry.spec.returns_bytes)
+        if entry.spec.streams:  # a generator: its items as NDJSON lines (service/stream_handler.py)
+            op["responses"]["200"] = stream_answer()
         if entry.spec.bytes_param is not None:
             op["parameters"] = [_TIMEOUT_PARAM, *_binary_query_params(entry, schema)]
         paths[f"/v1/tasks/{entry.name}"] = {"post": op}

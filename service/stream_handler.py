@@ -26,6 +26,7 @@ stream is closed: the worker closes the generator at its next `yield` and takes 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from typing import Any
 
@@ -40,6 +41,22 @@ from workers.executor import CallOptions
 
 NDJSON_TYPE = "application/x-ndjson"
 STREAM_CALL = CallOptions(encode_json=True)
+# /openapi.json: the schema of one line, the 200 answer of a generator task (service/openapi.py)
+LINE_SCHEMA: dict[str, Any] = {"oneOf": [
+    {"type": "object", "required": ["item"], "properties": {"item": {}}},
+    {"type": "object", "required": ["end", "items"],
+     "properties": {"end": {"const": True}, "items": {"type": "integer", "minimum": 0}}},
+    {"type": "object", "required": ["error"], "properties": {"error": {"$ref": "#/components/schemas/Problem"}}},
+]}
+
+
+def stream_answer() -> dict[str, Any]:
+    """/openapi.json: the 200 answer of a generator task (a fresh copy for each operation)."""
+    return {
+        "description": 'one JSON object per line, as the task yields: {"item": value} for each item, then '
+                       '{"end": true, "items": N}, or {"error": problem} if it failed after its first item',
+        "content": {NDJSON_TYPE: {"schema": copy.deepcopy(LINE_SCHEMA)}},
+    }
 
 
 async def stream_call(

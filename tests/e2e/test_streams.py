@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess, metric, post_json, start_server, wait_for
+from tests.conftest import ServerProcess, http, metric, post_json, start_server, wait_for
 from tests.e2e.test_jobs import sse_events, submit, wait_final
 from workers.streaming import WINDOW
 
@@ -175,3 +175,13 @@ def test_a_generator_job_sends_each_item_as_an_event_and_its_result_is_the_list(
     async_job = submit(server.url, "st_async_add", {"a": 1, "b": 2}).json()["id"]
     final = wait_final(server.url, async_job)
     assert final["status"] == "succeeded" and final["result"]["sum"] == 3
+
+
+def test_openapi_documents_a_generator_s_answer_as_ndjson_lines(server: ServerProcess) -> None:
+    doc = http("GET", server.url + "/openapi.json").json()
+    ok = doc["paths"]["/v1/tasks/st_count"]["post"]["responses"]["200"]
+    assert list(ok["content"]) == ["application/x-ndjson"]
+    shapes = ok["content"]["application/x-ndjson"]["schema"]["oneOf"]
+    assert [s["required"] for s in shapes] == [["item"], ["end", "items"], ["error"]]
+    plain = doc["paths"]["/v1/tasks/st_async_add"]["post"]["responses"]["200"]
+    assert "application/json" in plain["content"]
