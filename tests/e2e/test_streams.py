@@ -82,6 +82,9 @@ def test_a_generator_answers_ndjson_whose_first_line_comes_before_the_generator_
     assert not gate.exists()  # the generator is still waiting for it: the first line did not wait for the rest
     gate.write_text("go")
     assert stream.rest() == [{"item": 1}, {"item": 2}, {"end": True, "items": 3}]
+    empty = Stream(server, "st_count", {"n": 0})
+    assert empty.resp.status == 200 and empty.resp.getheader("X-Procbridge-Worker")
+    assert empty.rest() == [{"end": True, "items": 0}]
 
 
 def test_an_exception_mid_stream_ends_it_with_an_error_line_and_counts_task_failed(server: ServerProcess) -> None:

@@ -122,7 +122,9 @@ class PoolStream:
     @property
     def pid(self) -> int | None:
         handle = self._call.handle if self._call is not None else None
-        return handle.pid if handle is not None else None
+        if handle is not None:
+            return handle.pid
+        return self.outcome.pid if self.outcome is not None else None
 
     def __aiter__(self) -> PoolStream:
         return self
