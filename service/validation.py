@@ -143,16 +143,20 @@ def _message(err: Any) -> str:
     return str(err["msg"])
 
 
-def call_timeout(raw: object, cap: float, *, text: bool = False) -> float | None:
-    """A call's own timeout in seconds, at most `cap` (--task-timeout); None when not given. The one
-    check for every way in: a job's "timeout" (`raw` a JSON number) and, with `text`, the `?timeout=`
-    of a call or a map (`raw` the query string's text, quoted in the 422's detail).
+def call_timeout(raw: object, cap: float, *, own: float | None = None, text: bool = False) -> float | None:
+    """A call's timeout in seconds: the task's `own` (`@task(timeout=...)`), else `cap`
+    (--task-timeout), shortened by the call's own when it gives one. None when neither the call nor
+    the task gives one (the executor then applies --task-timeout). The one check for every way in:
+    a job's "timeout" (`raw` a JSON number) and, with `text`, the `?timeout=` of a call or a map
+    (`raw` the query string's text, quoted in the 422's detail).
 
     422 unless a number of seconds > 0. The cap: a client may shorten its call's timeout, never
-    lengthen it past what the operator allows, or one client could tie every worker up for as long
-    as its tasks take (burn: an hour)."""
+    lengthen it past what the task's author or the operator allows, or one client could tie every
+    worker up for as long as its tasks take (burn: an hour). A task's own timeout replaces
+    --task-timeout for it, longer or shorter."""
+    limit = cap if own is None else own
     if raw is None:
-        return None
+        return own
     value = math.nan  # unless a number of the right kind: 422 below
     with contextlib.suppress(ValueError, OverflowError):
         if isinstance(raw, str):
@@ -163,4 +167,4 @@ def call_timeout(raw: object, cap: float, *, text: bool = False) -> float | None
     if not math.isfinite(value) or value <= 0:
         got = f", got {raw!r}" if text else ""
         raise invalid_argument("timeout", f"must be a number of seconds > 0{got}", "must be a number of seconds > 0")
-    return min(value, cap)
+    return min(value, limit)
