@@ -19,6 +19,9 @@ bound. A job is never refused here: it waits in its runner's place (jobs are adm
 not by the queue). A caller that goes away while waiting (its handler cancelled) leaves the line and
 its call never runs. Other tasks never wait for a gate that is not theirs.
 
+A drain (SIGTERM) lets the gated calls finish too: it waits for the gates to empty (`wait_idle`,
+within --shutdown-grace) before the executor stops taking calls (service/server.py).
+
 `procbridge_task_waiting{task}` (a gauge per gated task) shows the waiting calls; the gates run on
 the loop's thread only, so they need no lock.
 """
@@ -63,6 +66,7 @@ class TaskGate:
         handed over at that very moment is passed on), and the caller never holds it."""
         if not self.must_wait:
             self.running += 1
+            self._gates.held += 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -76,6 +80,7 @@ class TaskGate:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
                     self._gates.waiting -= 1
+                    self._gates.settled()
             raise
 
     def release(self) -> None:
@@ -87,6 +92,8 @@ class TaskGate:
                 waiter.set_result(None)  # the slot passes to it: `running` stays
                 return
         self.running -= 1
+        self._gates.held -= 1
+        self._gates.settled()
 
 
 class TaskGates:
@@ -94,6 +101,8 @@ class TaskGates:
 
     def __init__(self, limits: Iterable[tuple[str, int]], executor: Callable[[], Executor | None]) -> None:
         self.waiting = 0  # calls waiting at any gate (kept by the gates: admission reads it per call)
+        self.held = 0  # slots held at all gates
+        self._idle: list[asyncio.Future[None]] = []
         self._executor = executor
         self._gates = {name: TaskGate(name, limit, self) for name, limit in limits}
 
@@ -105,6 +114,22 @@ class TaskGates:
 
     def __iter__(self) -> Iterator[TaskGate]:
         return iter(self._gates.values())
+
+    def settled(self) -> None:
+        """A slot or a waiting place was given up: wake `wait_idle` once nothing holds or waits."""
+        if not self.held and not self.waiting:
+            idle, self._idle = self._idle, []
+            for future in idle:
+                if not future.done():
+                    future.set_result(None)
+
+    async def wait_idle(self) -> None:
+        """Until no call holds or waits for a slot. A drain waits for this before it closes the
+        executor: a waiting call was admitted, and must not meet a closed executor when its turn comes."""
+        while self.held or self.waiting:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle.append(future)
+            await future
 
     async def run(self, name: str, call: Callable[[], Awaitable[T]], *, bounded: bool = True) -> T:
         """`call()` once the task's gate lets it in (at once for a task without a gate).

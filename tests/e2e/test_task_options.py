@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -170,3 +171,20 @@ def test_a_jobs_timeout_cannot_lengthen_the_tasks_timeout(server):
     job = wait_for(finished, WIDE + 10, 0.05, "the job to end")
     assert job["status"] == "failed" and job["error"]["type"] == "/problems/task-timeout"
     assert job["finished_at"] - job["started_at"] < WIDE
+
+
+def test_sigterm_lets_the_calls_waiting_for_their_slot_finish(server_factory, tmp_path):
+    srv = server_factory("--workers", "2", "--tasks", TASKS, "--shutdown-grace", "60")
+    log, release = tmp_path / "starts", tmp_path / "release"
+    args = {"log": str(log), "release": str(release), "work_ms": 0}
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(call, srv, "serial", {"tag": "a", **args})
+        wait_for(lambda: started(log) == ["a"], what="the first call to start")
+        second = pool.submit(call, srv, "serial", {"tag": "b", **args})
+        wait_for(lambda: waiting(srv) == 1, what="the second call to wait")
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: http("GET", srv.url + "/readyz").status == 503, what="the drain to begin")
+        release.touch()
+        assert [first.result(60).status, second.result(60).status] == [200, 200]
+    assert started(log) == ["a", "b"]
+    assert srv.proc.wait(30) == 0
