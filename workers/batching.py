@@ -118,8 +118,7 @@ class Batcher:
         self.executor = executor
         self._gatherings: dict[str, _Gathering] = {}
         self._running: set[_Batch] = set()
-        self.batches = 0  # batches sent so far
-        self.calls = 0  # calls sent in them
+        self.sent: dict[str, list[int]] = {}  # task -> [batches sent, calls in them] (/metrics)
 
     @property
     def waiting(self) -> int:
@@ -224,8 +223,9 @@ class Batcher:
                 call.timer = loop.call_later(call.timeout, _expire, call)
         longest = None if None in timeouts else max(t for t in timeouts if t is not None)
         self._running.add(batch)
-        self.batches += 1
-        self.calls += len(calls)
+        sent = self.sent.setdefault(g.name, [0, 0])
+        sent[0] += 1
+        sent[1] += len(calls)
         batch.task = asyncio.ensure_future(self._send(g, batch, longest))
 
     def _abandon(self, name: str, call: _Call) -> None:
