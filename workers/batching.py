@@ -16,7 +16,10 @@ Outcome or TaskFailed per call:
 
 When a batch leaves (per task; the policy, in order):
 1. at once when `max_size` calls are waiting;
-2. `max_wait_ms` after its first call arrived, however many there are;
+2. `max_wait_ms` after its first call arrived, however many there are, unless this Batcher's batches already
+   hold every lane of the executor (`size`): then it would only wait in the executor's queue, so it goes on
+   gathering (up to max_size) and leaves the moment one of those batches ends. No call waits longer for it:
+   it waits for a lane instead of in the queue, and the batch that takes the lane is as full as it can be;
 3. early, when the executor has a free lane and nothing else is coming: a loop turn passed with no new
    call of the task, nothing is queued in the executor (`pending` 0) and fewer of this Batcher's batches
    are running than the executor has lanes (`size`). So a lone call waits one loop turn, not max_wait_ms,
@@ -99,7 +102,7 @@ class _Batch:
 class _Gathering:
     """The calls of one task waiting for their batch to leave."""
 
-    __slots__ = ("calls", "check", "max_size", "max_wait", "name", "timer")
+    __slots__ = ("calls", "check", "max_size", "max_wait", "name", "overdue", "timer")
 
     def __init__(self, spec: TaskSpec) -> None:
         assert spec.batch is not None
@@ -109,6 +112,7 @@ class _Gathering:
         self.calls: list[_Call] = []
         self.timer: asyncio.TimerHandle | None = None  # max_wait after the first call
         self.check: asyncio.Handle | None = None  # the early-leave check, one loop turn on
+        self.overdue = False  # max_wait passed while every lane ran a batch: it leaves when one frees
 
 
 class Batcher:
@@ -178,8 +182,8 @@ class Batcher:
         if len(g.calls) >= g.max_size:
             self._leave(g)
             return
-        if g.timer is None:
-            g.timer = loop.call_later(g.max_wait, self._leave, g)
+        if g.timer is None and not g.overdue:
+            g.timer = loop.call_later(g.max_wait, self._waited, g)
         if g.check is None:
             g.check = loop.call_soon(self._check, g, len(g.calls))
 
@@ -194,6 +198,15 @@ class Batcher:
             g.check = asyncio.get_running_loop().call_soon(self._check, g, len(g.calls))
         elif self._lane_free():
             self._leave(g)
+
+    def _waited(self, g: _Gathering) -> None:
+        """max_wait_ms since the first call: leave, unless this Batcher's batches hold every lane (the batch
+        would only wait in the executor's queue): then it goes on gathering and leaves when one of them ends."""
+        g.timer = None
+        if len(self._running) < self.executor.size:
+            self._leave(g)
+        else:
+            g.overdue = True
 
     def _lane_free(self) -> bool:
         executor = self.executor
@@ -210,6 +223,7 @@ class Batcher:
     def _leave(self, g: _Gathering) -> None:
         """Send the gathered calls (at most max_size: `_add` sends a full batch at once) as one batch."""
         self._stop_timers(g)
+        g.overdue = False
         calls = [c for c in g.calls if not c.future.done()]
         g.calls = []
         if not calls:
@@ -273,8 +287,10 @@ class Batcher:
     def _done(self) -> None:
         """A lane freed: gatherings that stopped growing may leave now."""
         loop = asyncio.get_running_loop()
-        for g in self._gatherings.values():
-            if g.calls and g.check is None:
+        for g in list(self._gatherings.values()):
+            if g.calls and g.overdue:
+                self._leave(g)
+            elif g.calls and g.check is None:
                 g.check = loop.call_soon(self._check, g, len(g.calls))
 
 

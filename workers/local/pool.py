@@ -46,7 +46,7 @@ from workers.local.loop_future import LoopFuture
 from workers.local.state import PoolOptions, PoolState
 from workers.local.supervisor import Supervisor
 from workers.memory import MemorySampler, MemoryUse
-from workers.protocol import CALL_FUNCTION, CALL_MAP, CALL_TASK, CHUNK_CALLS, RESULT_JSON, RESULT_VALUE, WORKER_READY
+from workers.protocol import CALL_FUNCTION, CALL_MAP, CALL_TASK, RESULT_JSON, RESULT_VALUE, WORKER_READY
 from workers.shm import Lease, SegmentPool, new_prefix, plan_budget
 from workers.shm_files import sweep_orphans
 from workers.stats import WorkerRow
@@ -319,7 +319,7 @@ class WorkerPool(Executor):
         average = self._averages.get(call.name)
         if average is not None:
             call.short = average < _SHORT
-            call.est = average * len(call.payload) if call.kind in CHUNK_CALLS else average
+            call.est = average * len(call.payload) if call.kind == CALL_MAP else average  # a batch: per invocation
         else:
             call.est = 1.0  # unknown: not short, so it is never pipelined and never has one behind it
         if not self._queue:
@@ -467,7 +467,7 @@ class WorkerPool(Executor):
             call = w.take(call_id)
             if call is None:
                 continue
-            if call.kind in CHUNK_CALLS:  # the time per item is what says whether the task is short
+            if call.kind == CALL_MAP:  # the time per item is what says whether the task is short
                 elapsed /= max(1, len(call.payload))
             averages[call.name] = 0.8 * averages.get(call.name, elapsed) + 0.2 * elapsed
             if call.leases is not None:
