@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
 
 from service.problems import Problem, invalid_argument, invalid_arguments
-from workers.registry import TaskSpec
+from workers.registry import TaskSpec, element_hints
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _LENIENT = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
@@ -43,7 +43,7 @@ def _fields(spec: TaskSpec, *, skip_bytes: bool) -> dict[str, Any]:
     for pname, param in spec.signature.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        annotation = spec.hints.get(pname, Any)
+        annotation = element_hints(spec).get(pname, Any)  # a batch= task: one call's element of each list
         if pname == spec.bytes_param:
             if skip_bytes:
                 continue
