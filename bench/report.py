@@ -289,6 +289,11 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
             "the machine): " + "; ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in loop_cpu.items()) + " µs.")
     add("")
 
+    # -- adaptive batching (bench/batch.py) --
+    from bench import batch
+
+    lines.extend(batch.section(r.get("batching")))
+
     # -- hand-written: shm, worker state --
     for heading in KEPT_HEADINGS:
         section = existing_section(old, heading)

@@ -101,6 +101,10 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "healthz_p99_ratio_vs_gunicorn": ("<", 1.0, "procbridge /healthz p99 / gunicorn's, both under saturation "
                                                 "(\"a fraction of gunicorn's latency\")"),
     "shm_speedup_10mib": (">=", 5.0, "10 MiB round trip: stock ProcessPoolExecutor pickling time / procbridge's"),
+    "batch_speedup": (">=", 3.0, "calls/s of a numpy model task with @task(batch=...) / the same task unbatched, "
+                                 "64 clients (bench/batch.py)"),
+    "batch_p99_excess_ms": ("<=", 0.0, "batched p99 − (unbatched p99 + max_wait + one batch's compute), ms, "
+                                       "64 clients (bench/batch.py)"),
 }
 
 
@@ -197,7 +201,7 @@ class Server:
                     p.kill()
 
 
-def make_server(name: str, workers: int, workdir: Path) -> Server:
+def make_server(name: str, workers: int, workdir: Path, extra: Sequence[str] = ()) -> Server:
     py = sys.executable
     port = free_port()
     if name == "naive":
@@ -213,7 +217,7 @@ def make_server(name: str, workers: int, workdir: Path) -> Server:
         return Server(name, argv, port, "/healthz", workdir)
     if name == "procbridge":
         argv = [py, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-                "--store", str(workdir / "jobs.db"), "--log-level", "warning", "--shutdown-grace", "5"]
+                "--store", str(workdir / "jobs.db"), "--log-level", "warning", "--shutdown-grace", "5", *extra]
         return Server(name, argv, port, "/readyz", workdir)
     raise ValueError(name)
 
@@ -344,6 +348,20 @@ class Bench:
             log(f"stopping {name}")
             server.stop()
         return out
+
+    def batching(self) -> dict[str, Any]:
+        """The batch_speedup figure (bench/batch.py): procbridge serving bench/apps/batching.py."""
+        from bench import batch
+
+        server = make_server("procbridge", self.workers, self.workdir, batch.SERVER_ARGS)
+        log(f"starting procbridge for the batching figure: {' '.join(server.argv[1:])}")
+        server.start()
+        try:
+            p = self.plan
+            return batch.measure(server.url, lambda loads: self.run_loads(server, loads), p.duration / 2, p.warmup,
+                                 p.short)
+        finally:
+            server.stop()
 
     def noop_pairs(self, server: Server, name: str, short: list[str]) -> dict[str, Any]:
         """The no-op load, then the /healthz load, `pair_rounds` times in turn. The machine's speed
@@ -640,6 +658,9 @@ def figures(results: dict[str, Any]) -> dict[str, float | None]:
         "shm_speedup_10mib": results["shm"].get("shm_speedup_10mib") if results["shm"]["status"] == "measured"
         else None,
     }
+    batching = results.get("batching") or {}
+    for name in ("batch_speedup", "batch_p99_ms", "batch_p99_bound_ms", "batch_p99_excess_ms"):
+        f[name] = batching.get(name)
     for name, cc in c.items():  # the same ratios for every contender, for the tables
         f[f"{name}_cpu_efficiency"] = _ratio(_thr(cc, "burn10"), w * direct["burn10_per_s"])
         f[f"{name}_cpu_efficiency_1ms"] = _ratio(_thr(cc, "burn1"), w * direct["burn1_per_s"])
@@ -786,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes of each pool (gunicorn: sync workers) [CPUs usable]")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset [all]")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    p.add_argument("--no-batching", action="store_true", help="skip the batch_speedup figure (bench/batch.py)")
     p.add_argument("--shm-script", type=Path, default=default_shm,
                    help="the shared-memory payload benchmark to run and merge [scripts/shm_bench.py]")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
@@ -873,6 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["contenders"] = {}
         for name in contenders:
             results["contenders"][name] = bench.contender(name)
+        results["batching"] = bench.batching() if not ns.no_batching else {"status": "not measured",
+                                                                            "reason": "--no-batching"}
         if scaling:
             results["scaling"] = bench.scaling(scaling, results["direct"])
         else:

@@ -9,12 +9,14 @@ from service.state import Service
 
 def admit_or_refuse(service: Service) -> None:
     """A call or a map: 503 `draining` while the service shuts down (or before its executor runs),
-    503 `overloaded` when the admission queue is already full."""
+    503 `overloaded` when the admission queue is already full: the executor's queue and the calls
+    waiting for their task's concurrency limit (service/concurrency.py) together."""
     executor = service.executor
     if service.draining or executor is None or executor.closing:
         raise draining()
-    if executor.pending >= executor.max_pending:
-        raise overloaded(executor.pending)
+    queued = executor.pending + service.gates.waiting
+    if queued >= executor.max_pending:
+        raise overloaded(queued)
 
 
 def admit_job(service: Service) -> None:

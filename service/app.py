@@ -25,6 +25,7 @@ from aiohttp.typedefs import Middleware
 from service import map_handler, ops_handlers, task_handlers
 from service.access_log import STDERR, AccessLogSink, AuditLog
 from service.auth import KeyRing, auth_middleware
+from service.concurrency import GatesCollector
 from service.config import Config
 from service.jobs import handlers as job_handlers
 from service.jobs.events import JobEvents
@@ -69,6 +70,7 @@ def _middlewares(service: Service) -> list[Middleware]:
     middlewares: list[Middleware] = [problem_middleware]
     rejected = RejectedRequests()
     service.metrics.registry.register(rejected)
+    service.metrics.registry.register(GatesCollector(service.gates))  # procbridge_task_waiting{task}
     if config.api_keys:
         # Refused keys are audited on the access-log stream, or on stderr when that is off.
         audit = service.audit = AuditLog(service.access_log or AccessLogSink(STDERR))
@@ -154,7 +156,7 @@ async def job_runner(app: web.Application) -> AsyncIterator[None]:
     runner = JobRunner(
         store, executor, service.catalog, JobEvents(),
         concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
-        shared_store=store.shared, debug=config.debug,
+        shared_store=store.shared, debug=config.debug, gates=service.gates,
     )
     service.jobs = runner
     await runner.start()

@@ -38,7 +38,9 @@ def setup(app: web.Application) -> None:
 async def map_task(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     entry = service.catalog.get(request.match_info["name"])
-    timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, text=True)
+    # Per item: the task's own timeout (@task(timeout=...)) or --task-timeout; ?timeout only shortens it.
+    own = entry.spec.timeout
+    timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, own=own, text=True)
     body_kind(request, binary_ok=False)
     admit_or_refuse(service)
     payload = parse_object(await read_body(request, service.config.max_body))
@@ -107,6 +109,9 @@ async def _run_chunks(
     assert executor is not None
     per_item = [0.0, 0]  # seconds, items measured
     lanes = max(1, min(executor.size, executor.max_pending))
+    gate = service.gates.get(entry.name)
+    if gate is not None:  # @task(concurrency=N): each chunk in flight holds a slot; no more chunks than slots
+        lanes = min(lanes, gate.limit)
     item_timeout = timeout if timeout is not None else service.config.task_timeout
 
     def chunk_size() -> int:
@@ -119,9 +124,9 @@ async def _run_chunks(
     async def run(chunk: list[tuple[int, dict[str, Any]]]) -> None:
         started = time.perf_counter()
         try:
-            results = await executor.call_chunk(
+            results = await service.gates.run(entry.name, lambda: executor.call_chunk(
                 entry.name, [kwargs for _, kwargs in chunk], timeout=item_timeout * len(chunk)
-            )
+            ))
         except (WorkerCrashed, TaskTimeout) as exc:
             if len(chunk) == 1:
                 await writer.put(chunk[0][0], _error_line(chunk[0][0], from_pool_error(exc)))

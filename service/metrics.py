@@ -83,6 +83,18 @@ class _PoolCollector(Collector):
         yield memory
         yield from _shm_metrics(pool.payload_stats() if pool is not None else None)
         yield from _output_metrics(pool.output_stats() if pool is not None else None)
+        yield from _batch_metrics(pool.batcher.sent if pool is not None else {})
+
+
+def _batch_metrics(sent: dict[str, list[int]]) -> Iterator[Any]:
+    """Batches of `batch=` tasks sent to the workers, and the calls in them (workers/batching.py)."""
+    batches = CounterMetricFamily("procbridge_batches", "Invocations of batch tasks sent", labels=["task"])
+    calls = CounterMetricFamily("procbridge_batched_calls", "Calls gathered into those invocations", labels=["task"])
+    for task, (n, size) in sorted(sent.items()):
+        batches.add_metric([task], n)
+        calls.add_metric([task], size)
+    yield batches
+    yield calls
 
 
 def _add_memory(family: GaugeMetricFamily, slot: str, use: MemoryUse | None) -> None:

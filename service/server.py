@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import uvloop
@@ -37,7 +38,7 @@ from aiohttp import web
 from service.app import create_app
 from service.config import Config
 from service.http_protocol import BACKLOG, RUNNER_LIMITS, GuardedAppRunner
-from service.state import SERVICE
+from service.state import SERVICE, Service
 from workers.local.processes import stop_helper_processes
 
 log = logging.getLogger("procbridge")
@@ -126,7 +127,7 @@ class Server:
         service.stop_taking_work()
         if service.executor is None:
             return
-        drain = asyncio.ensure_future(service.executor.drain(self.config.shutdown_grace))
+        drain = asyncio.ensure_future(_drain_executor(service, self.config.shutdown_grace))
         hurried = asyncio.ensure_future(self._hurry.wait())
         await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
         hurried.cancel()
@@ -141,6 +142,17 @@ class Server:
         # reverse order: metrics timers, job runner, executor, job store, log sinks. After a failed
         # start only the contexts that opened are closed.
         await runner.cleanup()
+
+
+async def _drain_executor(service: Service, grace: float) -> None:
+    """Calls waiting for a `@task(concurrency=N)` slot were admitted: they run before the executor
+    stops taking calls (all within the grace), then the executor drains what is left."""
+    executor = service.executor
+    assert executor is not None
+    began = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(service.gates.wait_idle(), grace)
+    await executor.drain(max(0.0, grace - (time.monotonic() - began)))
 
 
 async def serve(config: Config) -> int:

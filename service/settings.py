@@ -74,9 +74,10 @@ SETTINGS: tuple[Setting, ...] = (
             "worker processes; by default one per CPU of the affinity mask, capped by a cgroup CPU quota"),
     Setting("--max-pending", "PROCBRIDGE_MAX_PENDING", c.positive_int,
             Derived("4 × workers", lambda v: 4 * v["workers"]),
-            "calls waiting for a worker; beyond it 503 `overloaded`"),
+            "calls waiting for a worker (or a `@task(concurrency=)` slot); beyond it 503 `overloaded`"),
     Setting("--task-timeout", "PROCBRIDGE_TASK_TIMEOUT", c.seconds, 60.0,
-            "seconds a task may run before its worker is killed (`?timeout=` per call)", shown="60"),
+            "seconds a task may run before its worker is killed (`?timeout=` per call; a task's own "
+            "`@task(timeout=)` replaces it)", shown="60"),
     Setting("--max-body", "PROCBRIDGE_MAX_BODY", c.positive_size, 64 * c.MIB,
             "request body limit in bytes (units allowed: `1MiB`, `500KB`)", shown="64 MiB"),
     Setting("--tasks", "PROCBRIDGE_TASKS", c.modules, (), "comma-separated modules with user tasks",

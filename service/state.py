@@ -8,12 +8,13 @@ other: app.py imports the handler modules to add their routes, and a handler rea
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from service.access_log import AccessLogSink, AuditLog, JsonAccessLogger
+from service.concurrency import TaskGates
 from service.config import Config
 from service.jobs.runner import JobRunner
 from service.jobs.store.base import JobStore
@@ -38,6 +39,11 @@ class Service:
     openapi_doc: bytes | None = None  # built on first request, then served as is
     access_log: AccessLogSink | None = None  # None: --access-log off
     audit: AuditLog | None = None  # refused API keys; None without --api-keys
+    gates: TaskGates = field(init=False)  # @task(concurrency=N): service/concurrency.py
+
+    def __post_init__(self) -> None:
+        limits = ((e.name, e.spec.concurrency) for e in self.catalog if e.spec.concurrency is not None)
+        self.gates = TaskGates(limits, lambda: self.executor)
 
     def runner_options(self) -> dict[str, Any]:
         """The keyword arguments of web.AppRunner that belong to the app: its access log."""

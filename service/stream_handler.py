@@ -62,7 +62,19 @@ def stream_answer() -> dict[str, Any]:
 async def stream_call(
     request: web.Request, service: Service, entry: TaskEntry, kwargs: dict[str, Any], timeout: float | None
 ) -> web.StreamResponse:
-    """Run generator task `entry` and stream its items to the client (see the module's docstring)."""
+    """Run generator task `entry` and stream its items to the client (see the module's docstring).
+    A task with `@task(concurrency=N)` holds one of its slots for the whole stream."""
+    if entry.name not in service.gates:
+        return await _stream(request, service, entry, kwargs, timeout)
+    try:
+        return await service.gates.run(entry.name, lambda: _stream(request, service, entry, kwargs, timeout))
+    except PoolError as exc:  # Overloaded: too many calls wait already (what fails inside is a Problem)
+        raise from_pool_error(exc, debug=service.config.debug) from None
+
+
+async def _stream(
+    request: web.Request, service: Service, entry: TaskEntry, kwargs: dict[str, Any], timeout: float | None
+) -> web.StreamResponse:
     executor = service.executor
     assert executor is not None
     debug = service.config.debug

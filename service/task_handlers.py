@@ -67,7 +67,9 @@ def task_caller(task: TaskEntry | None) -> Handler:
 
 async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -> web.StreamResponse:
     has_query = bool(request.query_string)  # most calls have none: no query parsing for them
-    timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, text=True) if has_query else None
+    own = entry.spec.timeout  # @task(timeout=...): replaces --task-timeout; ?timeout only shortens it
+    timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, own=own, text=True) \
+        if has_query else own
     kind = body_kind(request)
     admit_or_refuse(service)  # before reading the body: a refused call costs no buffering
     if kind == "json":
@@ -136,7 +138,10 @@ async def run_task(service: Service, name: str, kwargs: dict[str, Any], timeout:
     assert executor is not None
     try:
         options = SYNC_CALL if timeout is None else SYNC_CALL._replace(timeout=timeout)
-        outcome = await executor.call(name, kwargs, options)
+        if name in service.gates:  # @task(concurrency=N): wait for a slot first (service/concurrency.py)
+            outcome = await service.gates.run(name, lambda: executor.call(name, kwargs, options))
+        else:
+            outcome = await executor.call(name, kwargs, options)
     except PoolError as exc:
         raise from_pool_error(exc, debug=service.config.debug) from None
     service.metrics.observe(name, "ok", outcome.elapsed)

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
 
 from service.problems import Problem, invalid_argument, invalid_arguments
-from workers.registry import TaskSpec
+from workers.registry import TaskSpec, element_hints
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _LENIENT = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
@@ -43,7 +43,7 @@ def _fields(spec: TaskSpec, *, skip_bytes: bool) -> dict[str, Any]:
     for pname, param in spec.signature.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        annotation = spec.hints.get(pname, Any)
+        annotation = element_hints(spec).get(pname, Any)  # a batch= task: one call's element of each list
         if pname == spec.bytes_param:
             if skip_bytes:
                 continue
@@ -143,16 +143,20 @@ def _message(err: Any) -> str:
     return str(err["msg"])
 
 
-def call_timeout(raw: object, cap: float, *, text: bool = False) -> float | None:
-    """A call's own timeout in seconds, at most `cap` (--task-timeout); None when not given. The one
-    check for every way in: a job's "timeout" (`raw` a JSON number) and, with `text`, the `?timeout=`
-    of a call or a map (`raw` the query string's text, quoted in the 422's detail).
+def call_timeout(raw: object, cap: float, *, own: float | None = None, text: bool = False) -> float | None:
+    """A call's timeout in seconds: the task's `own` (`@task(timeout=...)`), else `cap`
+    (--task-timeout), shortened by the call's own when it gives one. None when neither the call nor
+    the task gives one (the executor then applies --task-timeout). The one check for every way in:
+    a job's "timeout" (`raw` a JSON number) and, with `text`, the `?timeout=` of a call or a map
+    (`raw` the query string's text, quoted in the 422's detail).
 
     422 unless a number of seconds > 0. The cap: a client may shorten its call's timeout, never
-    lengthen it past what the operator allows, or one client could tie every worker up for as long
-    as its tasks take (burn: an hour)."""
+    lengthen it past what the task's author or the operator allows, or one client could tie every
+    worker up for as long as its tasks take (burn: an hour). A task's own timeout replaces
+    --task-timeout for it, longer or shorter."""
+    limit = cap if own is None else own
     if raw is None:
-        return None
+        return own
     value = math.nan  # unless a number of the right kind: 422 below
     with contextlib.suppress(ValueError, OverflowError):
         if isinstance(raw, str):
@@ -163,4 +167,4 @@ def call_timeout(raw: object, cap: float, *, text: bool = False) -> float | None
     if not math.isfinite(value) or value <= 0:
         got = f", got {raw!r}" if text else ""
         raise invalid_argument("timeout", f"must be a number of seconds > 0{got}", "must be a number of seconds > 0")
-    return min(value, cap)
+    return min(value, limit)

@@ -14,6 +14,7 @@ local worker, a Dask worker thread or a Dask runner child ran it:
                                       │  arguments: ShmRef -> read-only view or bytes; bytes -> view
                                       ▼
                  CALL_TASK: fn(**kwargs)   CALL_MAP: each item on its own   CALL_FUNCTION: fn(*args)
+                 CALL_BATCH: fn(**{param: [each call's value]}) once -> one result per call
                                       │
                                       ▼  encode
                  bytes stay bytes (past the threshold: into a segment the transport obtains)
@@ -50,6 +51,7 @@ import orjson
 
 from workers import aio, context, registry
 from workers.protocol import (
+    CALL_BATCH,
     CALL_MAP,
     CALL_TASK,
     RESULT_CHUNK,
@@ -127,6 +129,8 @@ class Execution:
                 return self.encode(fn(**payload), encode, call_id)
             if kind == CALL_MAP:
                 return RESULT_CHUNK, self.run_chunk(name, payload, shared, call_id)
+            if kind == CALL_BATCH:
+                return RESULT_CHUNK, self.run_batch(name, payload, shared, call_id)
             fn_blob, args, kwargs = pickle.loads(payload)
             fn = _FUNCTIONS.get(fn_blob) or function(fn_blob)
             return self.encode(fn(*args, **kwargs), encode, call_id)
@@ -160,6 +164,43 @@ class Execution:
                     release(views)
             out.append((tag, value, time.perf_counter() - start))
         return out
+
+    def run_batch(
+        self, name: str, items: list[dict[str, Any]], shared: bool, call_id: int
+    ) -> list[tuple[int, Any, float]]:
+        """A batch of calls of a `batch=` task (workers/batching.py gathered them): ONE invocation, each
+        parameter given the list of the calls' values (a value a call left out: the parameter's default), which
+        must return a list (a tuple, an array) with one result per call, each JSON-encoded (bytes stay bytes) like
+        a map item: [(tag, value, elapsed), ...]. A raise, or a result that is not such a list, is every call's
+        failure; a result that will not encode is its own call's."""
+        fn, view_param = _TASKS.get(name) or lookup(name)
+        start = time.perf_counter()
+        views: list[memoryview] = []
+        try:
+            if shared or view_param is not None:
+                items = [self.arguments(kwargs, view_param, views) for kwargs in items]
+            spec = registry.get(name)
+            assert spec is not None  # lookup() found it
+            params = spec.signature.parameters
+            columns = {
+                key: [kwargs[key] if key in kwargs else params[key].default for kwargs in items]
+                for key in dict.fromkeys(key for kwargs in items for key in kwargs)
+            }
+            values = fn(**columns)
+            if isinstance(values, str | bytes | bytearray | dict) or not hasattr(values, "__len__"):
+                raise TypeError(f"batch task {name!r} must return a list with one result per call, "
+                                f"got {type(values).__name__}")
+            if len(values) != len(items):
+                raise TypeError(f"batch task {name!r} returned {len(values)} results for a batch of {len(items)} "
+                                "calls: it must return one result per call, in order")
+            elapsed = time.perf_counter() - start
+            return [(*self.encode(value, True, call_id), elapsed) for value in values]
+        except BaseException as exc:  # noqa: BLE001 - the one invocation failed: so did each of its calls
+            failure = describe_exception(exc)
+            return [(RESULT_ERROR, failure, time.perf_counter() - start)] * len(items)
+        finally:
+            if views:
+                release(views)
 
     def arguments(self, kwargs: dict[str, Any], view_param: str | None, views: list[memoryview]) -> dict[str, Any]:
         """The kwargs as the task wants them: a ShmRef becomes a read-only memoryview of the segment

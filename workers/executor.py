@@ -3,6 +3,8 @@
     service/ (handlers, jobs, metrics)
         │  await executor.call(task, kwargs, CallOptions(...)) ──▶ Outcome | PoolError
         │  await executor.call_chunk(task, items, timeout)      ──▶ [Outcome | TaskFailed, ...]
+        │  (a `batch=` task's calls and map items: gathered by `executor.batcher`, workers/batching.py, and
+        │   sent as call_chunk(task, [kwargs, ...], timeout, kind=CALL_BATCH): one invocation per batch)
         │  async for item in executor.call_stream(task, kwargs, CallOptions(...)) ──▶ JSON bytes, ...
         │  executor.pending / alive / closing / rows() / readiness() / payload_stats() ...
         ▼
@@ -37,7 +39,9 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from workers.batching import Batcher
 from workers.errors import StreamingUnsupported, TaskFailed
+from workers.protocol import CALL_MAP
 
 if TYPE_CHECKING:
     from workers.memory import MemoryUse
@@ -162,6 +166,7 @@ class Executor(cf.Executor):
         self._shutdown_task: asyncio.Future[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self.batcher = Batcher(self)  # gathers the calls of `batch=` tasks; `call` and `call_chunk` hand them to it
 
     # -- what every backend must say ---------------------------------------------------------------
 
@@ -192,10 +197,13 @@ class Executor(cf.Executor):
         raise NotImplementedError
 
     async def call_chunk(
-        self, task: str, items: list[dict[str, Any]], timeout: float | None = None
+        self, task: str, items: list[dict[str, Any]], timeout: float | None = None, kind: int = CALL_MAP
     ) -> list[Outcome | TaskFailed]:
         """Run a task over several argument sets in one worker call (a map chunk); each item
-        succeeds (JSON-encoded Outcome) or fails (TaskFailed) on its own; `timeout` covers the chunk."""
+        succeeds (JSON-encoded Outcome) or fails (TaskFailed) on its own; `timeout` covers the chunk.
+        A map chunk of a `batch=` task goes to `self.batcher` instead, which sends each batch back here
+        with kind=CALL_BATCH: one invocation over all items, one result each (its timeout: the
+        executor's task timeout when None, not one per item)."""
         raise NotImplementedError
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
@@ -312,6 +320,8 @@ class Executor(cf.Executor):
     async def drain(self, grace: float) -> None:
         """Take no new calls, let the admitted ones finish for up to `grace` seconds, then close
         (calls still running then are stopped and get PoolClosed)."""
+        self.batcher.flush()  # calls still gathering into batches go to the workers now...
+        await asyncio.sleep(0)  # ...and are admitted (one loop turn) before new calls are refused
         self._closing = True
         if self._quiet is not None and not self._is_quiet():
             self._quiet.clear()
@@ -341,6 +351,7 @@ class Executor(cf.Executor):
 
     async def _close(self) -> None:
         self._closing = self._closed = True
+        self.batcher.close()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         # Housekeeping first (a respawn, a remote stop), so nothing restarts while the backend stops;

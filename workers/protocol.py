@@ -49,6 +49,9 @@ from typing import Final
 CALL_TASK: Final = 0  # run registered task `name` with the kwargs in `payload` (plain data)
 CALL_FUNCTION: Final = 1  # payload: pickle.dumps((pickle.dumps(fn), args, kwargs)); local pool only
 CALL_MAP: Final = 2  # payload: a list of kwargs for task `name`, each item run and failing on its own
+CALL_BATCH: Final = 3  # payload: a list of kwargs for a `batch=` task, one per call, run as ONE invocation
+#   (each parameter given the list of the calls' values; workers/batching.py gathers them); answered RESULT_CHUNK
+CHUNK_CALLS: Final = frozenset({CALL_MAP, CALL_BATCH})  # kinds whose payload is a list of kwargs
 CALL_STREAM: Final = 4  # a generator task: kwargs as CALL_TASK; its items come as STREAM_ITEM (workers/streaming.py)
 
 # -- how a call ended (the tag of a result row) -------------------------------------------------------
@@ -57,7 +60,7 @@ RESULT_VALUE: Final = 0  # the value itself (bytes or a plain scalar locally; wh
 RESULT_ERROR: Final = 1  # (exception type, message, traceback) strings: TaskFailed(*payload)
 RESULT_JSON: Final = 2  # the value encoded as JSON bytes in the worker (calls made with encode_json)
 RESULT_PICKLED: Final = 3  # the value pickled on its own (a value that will not unpickle fails its call only)
-RESULT_CHUNK: Final = 5  # a map chunk: [(tag, value, elapsed), ...], one per item (tags VALUE, JSON, ERROR, SHM)
+RESULT_CHUNK: Final = 5  # a map chunk or batch: [(tag, value, elapsed), ...], one per item (VALUE, JSON, ERROR, SHM)
 RESULT_SHM: Final = 8  # ShmRef(name, length): the bytes are in the segment granted to this call
 
 # -- notices from a worker (rows that do not end a call) --------------------------------------------

@@ -7,6 +7,7 @@ from the type hints by the service (see service/validation.py), so workers never
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import importlib
 import inspect
@@ -115,6 +116,33 @@ class TaskSpec:
 
 
 _BINARY = (bytes, memoryview, bytearray)
+_LISTS = (list, collections.abc.Sequence, collections.abc.MutableSequence, tuple)
+
+
+def element_hints(spec: TaskSpec) -> dict[str, Any]:
+    """The type hints one call of the task is validated against (service/validation.py builds its fields from
+    these): the task's own hints, except for a `batch=` task, whose parameters are lists of what one call passes
+    (`list[T]`, `Sequence[T]`, `tuple[T, ...]`, `Annotated` or not): there each parameter's hint is `T`, and the
+    return hint the element of the returned list when it says. A batch parameter hinted otherwise is refused
+    (ValueError naming the task, the parameter and what to write)."""
+    if spec.batch is None:
+        return spec.hints
+    out: dict[str, Any] = {}
+    for pname, hint in spec.hints.items():
+        tp = _strip_annotated(hint)
+        origin = typing.get_origin(tp)
+        if tp in _LISTS or origin in _LISTS:
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            if origin is tuple and len(args) > 1 and len(set(args)) > 1:
+                raise ValueError(f"task {spec.name!r}: batch parameter {pname!r} is a fixed tuple {hint!r}; "
+                                 "write list[T] for one T per call")
+            out[pname] = args[0] if args else Any
+        elif pname != "return":  # a return hint that is not a list says nothing about one call's result
+            raise ValueError(
+                f"task {spec.name!r}: with batch=, parameter {pname!r} receives a list of the calls' values, "
+                f"but it is annotated {getattr(hint, '__name__', hint)!r}: write list[...] of one call's type"
+            )
+    return out
 
 
 def _strip_annotated(tp: Any) -> Any:

@@ -54,7 +54,7 @@ async def submit_job(request: web.Request) -> web.Response:
     entry = service.catalog.get(name)
     args = payload.get("args", {})
     service.catalog.validate_json(entry, args, "args")  # refuse now what would fail later
-    timeout = call_timeout(payload.get("timeout"), service.config.task_timeout)  # as for a synchronous call
+    timeout = call_timeout(payload.get("timeout"), service.config.task_timeout, own=entry.spec.timeout)  # as for a call
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= _MAX_KEY:
         raise invalid_argument("Idempotency-Key", f"must be 1 to {_MAX_KEY} characters", "bad length")

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from service.concurrency import TaskGates
 from service.jobs.events import JobEvents
 from service.jobs.model import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
 from service.jobs.store.base import JobStore
@@ -53,6 +54,7 @@ class JobRunner:
         shared_store: bool,
         lease: float = LEASE_SECONDS,
         debug: bool = False,
+        gates: TaskGates | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -63,6 +65,7 @@ class JobRunner:
         self.shared_store = shared_store
         self.lease = lease
         self.debug = debug
+        self.gates = gates if gates is not None else TaskGates((), lambda: executor)  # @task(concurrency=N)
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -192,12 +195,17 @@ class JobRunner:
             self._progress_pending[job.id] = progress
             self.events.publish(job.id, "progress", progress)
 
-        options = CallOptions(timeout=job.timeout, encode_json=True, on_progress=on_progress, kill_on_cancel=True)
-        try:
+        timeout = job.timeout  # the task's own timeout holds even for a job stored without it
+        if entry.spec.timeout is not None and (timeout is None or timeout > entry.spec.timeout):
+            timeout = entry.spec.timeout
+        options = CallOptions(timeout=timeout, encode_json=True, on_progress=on_progress, kill_on_cancel=True)
+        try:  # a job is never refused at its task's gate: it waits in its --job-concurrency place
             if entry.spec.streams:  # a generator: each item an `item` event, the result their list
-                outcome = await self._stream(job, kwargs, options)
+                outcome = await self.gates.run(job.task, lambda: self._stream(job, kwargs, options), bounded=False)
             else:
-                outcome = await self.executor.call(job.task, kwargs, options)
+                outcome = await self.gates.run(
+                    job.task, lambda: self.executor.call(job.task, kwargs, options), bounded=False
+                )
         except asyncio.CancelledError:
             if not self._stopping:
                 return  # cancelled through the API: the store already says so

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from workers import registry
 from workers.dask import remote as dask_remote
 from workers.dask.calls import DaskCall, DaskUnavailable, DaskWorkerLost, DaskWorkerStartFailed, answer, as_plain
 from workers.dask.cluster import Cluster
@@ -75,6 +76,8 @@ class DaskExecutor(Executor):
     async def call(self, task: str, kwargs: dict[str, Any], options: CallOptions = PLAIN_CALL) -> Outcome:
         """Run registered task `task` on a Dask worker; same contract as WorkerPool.call (a bytes
         result always comes back as bytes: there is no shared memory here)."""
+        if (spec := registry.get(task)) is not None and spec.batch is not None:  # gathered first: batching.py
+            return await self.batcher.call(spec, kwargs, options)
         timeout = options.timeout
         st = self._admit(CALL_TASK, task, timeout if timeout is not None else self.options.task_timeout)
         st.progress = options.on_progress
@@ -83,12 +86,14 @@ class DaskExecutor(Executor):
         return result
 
     async def call_chunk(
-        self, task: str, items: list[dict[str, Any]], timeout: float | None = None
+        self, task: str, items: list[dict[str, Any]], timeout: float | None = None, kind: int = CALL_MAP
     ) -> list[Outcome | TaskFailed]:
-        """Run a task over several argument sets in one Dask task (a map chunk)."""
-        st = self._admit(
-            CALL_MAP, task, timeout if timeout is not None else self.options.task_timeout * max(1, len(items))
-        )
+        """Run a task over several argument sets in one Dask task (a map chunk, or with CALL_BATCH one
+        batch of a `batch=` task: Executor.call_chunk)."""
+        if kind == CALL_MAP and (spec := registry.get(task)) is not None and spec.batch is not None:
+            return await self.batcher.call_chunk(spec, items, timeout)
+        per_call = self.options.task_timeout * (max(1, len(items)) if kind == CALL_MAP else 1)
+        st = self._admit(kind, task, timeout if timeout is not None else per_call)
         result: list[Outcome | TaskFailed] = await self._run(st, items, True, False)
         return result
 

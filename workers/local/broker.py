@@ -31,7 +31,7 @@ from typing import Any
 from workers.local.calls import Call, drop
 from workers.local.handle import WorkerHandle
 from workers.local.state import PoolState
-from workers.protocol import CALL_MAP, FORGET_SEGMENTS, GRANT_SEGMENT
+from workers.protocol import CHUNK_CALLS, FORGET_SEGMENTS, GRANT_SEGMENT
 from workers.shm import Lease, Segment, SegmentPool, ShmRef
 
 log = logging.getLogger("procbridge.pool")
@@ -62,7 +62,7 @@ class Broker:
         leases: list[Lease] = []
         call.leases = leases  # released with the call, even if this is cancelled half-way
         try:
-            if call.kind == CALL_MAP:
+            if call.kind in CHUNK_CALLS:
                 call.payload = [await self._share_kwargs(item, leases) for item in call.payload]
             else:
                 call.payload = await self._share_kwargs(call.payload, leases)

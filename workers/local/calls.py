@@ -16,7 +16,7 @@ import concurrent.futures as cf
 from typing import Any, Protocol
 
 from workers.executor import ProgressCallback
-from workers.protocol import CALL_MAP
+from workers.protocol import CHUNK_CALLS
 from workers.shm import Lease
 
 Waiter = asyncio.Future[Any] | cf.Future[Any]
@@ -64,7 +64,7 @@ class Call:
     def message(self) -> tuple[Any, ...]:
         if self.leases is None:
             return (self.id, self.kind, self.name, self.payload, self.encode, self.progress is not None, False)
-        if self.kind == CALL_MAP:
+        if self.kind in CHUNK_CALLS:
             payload: Any = [refs(item) for item in self.payload]
         else:
             payload = refs(self.payload)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
-from workers import framing, protocol
+from workers import framing, protocol, registry
 from workers.errors import Overloaded, PoolClosed, TaskFailed
 from workers.executor import PLAIN_CALL, CallOptions, Executor, ItemStream, Outcome
 from workers.local.broker import Broker
@@ -153,6 +153,8 @@ class WorkerPool(Executor):
         the segment the worker wrote it into (no copy): the caller must `release()` it.
         """
         assert self._loop is not None, "start() the pool first"
+        if (spec := registry.get(task)) is not None and spec.batch is not None:  # gathered first: batching.py
+            return await self.batcher.call(spec, kwargs, options)
         waiter: asyncio.Future[Outcome] = self._loop.create_future()
         timeout = options.timeout
         call = Call(
@@ -172,27 +174,24 @@ class WorkerPool(Executor):
         return await self._await(call, waiter)
 
     async def call_chunk(
-        self, task: str, items: list[dict[str, Any]], timeout: float | None = None
+        self, task: str, items: list[dict[str, Any]], timeout: float | None = None, kind: int = CALL_MAP
     ) -> list[Outcome | TaskFailed]:
-        """Run a registered task over several argument sets in one worker call (a map chunk).
-
-        Each item succeeds (an Outcome with its JSON-encoded value or raw bytes) or fails on its own
-        (TaskFailed); a crash or timeout of the whole call raises as for `call`. `timeout` covers
-        the whole chunk.
-        """
+        """Run a registered task over several argument sets in one worker call (a map chunk, or with
+        CALL_BATCH one batch: Executor.call_chunk). Each item succeeds (an Outcome with its JSON-encoded
+        value or raw bytes) or fails on its own (TaskFailed); a crash or timeout of the whole call raises
+        as for `call`. `timeout` covers the whole chunk."""
         assert self._loop is not None, "start() the pool first"
+        if kind == CALL_MAP and (spec := registry.get(task)) is not None and spec.batch is not None:
+            return await self.batcher.call_chunk(spec, items, timeout)
         waiter: asyncio.Future[list[Outcome | TaskFailed]] = self._loop.create_future()
-        call = Call(
-            next(self._ids), CALL_MAP, task, items, True,
-            timeout if timeout is not None else self.options.task_timeout * max(1, len(items)), waiter,
-        )
+        per_call = self.options.task_timeout * (max(1, len(items)) if kind == CALL_MAP else 1)
+        call = Call(next(self._ids), kind, task, items, True, timeout if timeout is not None else per_call, waiter)
         broker = self._broker
-        if broker is not None:
-            threshold = broker.threshold
-            if any(
-                type(v) is Lease or (type(v) is bytes and len(v) > threshold) for item in items for v in item.values()
-            ):
-                await broker.share(call)
+        threshold = broker.threshold if broker is not None else 0
+        if broker is not None and any(
+            type(v) is Lease or (type(v) is bytes and len(v) > threshold) for item in items for v in item.values()
+        ):
+            await broker.share(call)
         return await self._await(call, waiter)
 
     def call_stream(self, task: str, kwargs: dict[str, Any], options: CallOptions = PLAIN_CALL) -> ItemStream:
@@ -323,7 +322,7 @@ class WorkerPool(Executor):
         average = self._averages.get(call.name)
         if average is not None:
             call.short = average < _SHORT
-            call.est = average * len(call.payload) if call.kind == CALL_MAP else average
+            call.est = average * len(call.payload) if call.kind == CALL_MAP else average  # a batch: per invocation
         else:
             call.est = 1.0  # unknown: not short, so it is never pipelined and never has one behind it
         if not self._queue:
