@@ -48,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from workers import context, registry
+from workers import arguments, context, registry
 from workers.protocol import (
     CALL_MAP,
     CALL_TASK,
@@ -250,7 +250,7 @@ def lookup(name: str) -> tuple[Callable[..., Any], str | None]:
         spec = registry.get(name)
         if spec is None:
             raise LookupError(f"task {name!r} is not registered in this worker")
-        found = _TASKS[name] = (spec.fn, spec.view_param)
+        found = _TASKS[name] = (arguments.bound(spec), spec.view_param)  # rich arguments rebuilt
     return found
 
 
