@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
@@ -53,7 +54,8 @@ def _int(text: str) -> Any:
 
 
 def _float(text: str) -> Any:
-    return float(text) if _FLOAT.fullmatch(text) else _NO
+    value = float(text) if _FLOAT.fullmatch(text) else math.inf
+    return value if math.isfinite(value) else _NO
 
 
 def _bool(text: str) -> Any:

@@ -196,6 +196,21 @@ class TaskCatalog:
             raise invalid_argument(where, "must be a JSON object of the task's arguments", "must be a JSON object")
         return _checked(entry, entry.json_model, args)
 
+    def validate_bare(self, entry: TaskEntry) -> dict[str, Any]:
+        """A call with neither a body nor a Content-Type: the task without arguments. A task that
+        needs some gets a 422 naming them and saying how to send them."""
+        missing = entry.required
+        if missing:
+            names = ", ".join(missing)
+            raise invalid_arguments(
+                f"{names}: required argument{'s are' if len(missing) > 1 else ' is'} missing; the request had no "
+                f"body: send the arguments as a JSON object (Content-Type: application/json)"
+                + (f", or the bytes of {entry.spec.bytes_param!r} as application/octet-stream"
+                   if entry.spec.bytes_param else ""),
+                [{"field": name, "message": "required argument is missing"} for name in missing],
+            )
+        return self.validate_json(entry, {})
+
     def validate_binary(self, entry: TaskEntry, query: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """A binary call: the body goes to the bytes parameter, the rest comes from the query string."""
         bp = entry.spec.bytes_param
@@ -254,6 +269,8 @@ def _validate(model: type[BaseModel], args: dict[str, Any] | bytes) -> dict[str,
 def _message(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown argument"
+    if err["type"] == "unexpected_keyword_argument":  # a dataclass's
+        return "unknown field"
     if err["type"] == "missing":
         return "required argument is missing"
     return str(err["msg"])
