@@ -255,7 +255,7 @@ def _validate(model: type[BaseModel], args: dict[str, Any] | bytes) -> dict[str,
         # The model's own validator, called as model_validate calls it (one Python frame less).
         validator = model.__pydantic_validator__
         if type(args) is bytes:  # JSON text: JSON-mode validation
-            return validator.validate_json(args).__dict__.copy()
+            return validator.validate_json(args, strict=True).__dict__.copy()  # user models too
         return validator.validate_python(args).__dict__.copy()
     except ValidationError as exc:
         errors = [
