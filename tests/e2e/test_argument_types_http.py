@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import textwrap
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import pytest
 import requests
 import schemathesis
 
-from tests.conftest import ServerProcess, http, post_json, serving
+from tests.conftest import ServerProcess, http, post_json, serving, start_server
 from tests.e2e.test_fuzz import fuzz_operation
 from tests.e2e.test_jobs import submit, wait_final
 
@@ -107,3 +108,31 @@ def test_rich_arguments_on_a_dask_cluster(tmp_path: Path, server_factory: Callab
         assert first["result"]["mode"]["type"] == "Mode" and second["error"]["status"] == 422
     finally:
         dask.close()
+
+
+REFUSED_MODULE = textwrap.dedent('''
+    from workers import task
+
+
+    class Picture:
+        pass
+
+
+    @task
+    def resize(img: Picture, width: int = 10) -> int:
+        return width
+''')
+
+
+def test_a_hint_the_service_cannot_serve_stops_start_up_naming_task_parameter_and_remedy(tmp_path: Path) -> None:
+    (tmp_path / "pb_refused.py").write_text(REFUSED_MODULE)
+    srv = start_server(tmp_path, "--tasks", "pb_refused", env={"PYTHONPATH": str(tmp_path)}, wait_ready=False)
+    try:
+        assert srv.proc.wait(60) != 0
+    finally:
+        srv.kill_all()
+    log = srv.log()
+    assert ("cannot start: task 'resize' (pb_refused.resize): parameter 'img' is annotated Picture: "
+            "<class 'pb_refused.Picture'>, which is not JSON data; use a JSON type (int, float, str, bool, a list, "
+            "a dict, a Literal, an optional), a dataclass, a TypedDict or a pydantic model instead") in log, log
+    assert "arbitrary_types_allowed" not in log
