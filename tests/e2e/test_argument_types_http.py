@@ -84,6 +84,15 @@ def test_the_openapi_document_of_every_argument_type_holds_under_fuzzing(server)
     assert post_json(server.url + "/v1/tasks/at_nothing", {}).json()["result"] == "hello"
 
 
+def test_a_bare_post_from_a_plain_http_client_runs_a_task_without_required_arguments(server):
+    for headers in ({}, {"Content-Length": "0"}):
+        reply = http("POST", server.url + "/v1/tasks/at_nothing", None, headers)
+        assert reply.status == 200 and reply.json()["result"] == "hello", (headers, reply.body)
+    reply = http("POST", server.url + "/v1/tasks/primes", None, {})
+    assert reply.status == 422 and reply.json()["errors"] == [
+        {"field": "limit", "message": "required argument is missing"}]
+
+
 def test_rich_arguments_on_a_dask_cluster(tmp_path: Path, server_factory: Callable[..., ServerProcess]) -> None:
     pytest.importorskip("distributed")
     from tests.support.dask_cluster import DaskProcesses
