@@ -27,9 +27,12 @@ BODY_TIMEOUT = 30.0
 BODY_MIN_RATE = 16 * 1024
 
 
-def body_kind(request: web.Request, *, binary_ok: bool = True) -> str:
-    """'json' or 'binary' from the Content-Type header; 415 for anything else (or none), and for a
-    Content-Encoding (the service never inflates a body: a small gzip bomb would cost the loop)."""
+def body_kind(request: web.Request, *, binary_ok: bool = True, bare_ok: bool = False) -> str:
+    """'json' or 'binary' from the Content-Type header; with `bare_ok`, 'bare' for a request with
+    neither a body nor a Content-Type (a task called without arguments). 415 for anything else (or
+    none), and for a Content-Encoding (the service never inflates a body: a small gzip bomb would
+    cost the loop). `binary_ok`: the endpoint takes application/octet-stream, and only then does
+    the 415 offer it."""
     headers = request.headers
     encoding = headers.get("Content-Encoding")
     if encoding is not None and (encoding := encoding.strip().lower()) not in ("", "identity"):
@@ -39,6 +42,8 @@ def body_kind(request: web.Request, *, binary_ok: bool = True) -> str:
     raw = headers.get("Content-Type")
     if raw == "application/json":  # the common case, without parsing the header's parameters
         return "json"
+    if raw is None and bare_ok and not request.body_exists:
+        return "bare"
     ctype = request.content_type if raw else ""
     if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
         return "json"
@@ -46,6 +51,8 @@ def body_kind(request: web.Request, *, binary_ok: bool = True) -> str:
         return "binary"
     accepted = "application/json or application/octet-stream" if binary_ok else "application/json"
     got = f"got {raw!r}" if raw else "no Content-Type header was sent"
+    if ctype == OCTET_STREAM:
+        got += " (this takes no binary body: only a task with a bytes parameter does)"
     raise Problem(415, "unsupported-media-type", f"send {accepted}; {got}")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from service.query_args import is_json_text
 from service.stream_handler import stream_answer
 from service.validation import TaskCatalog, TaskEntry
 
@@ -49,26 +50,37 @@ _TIMEOUT_PARAM = {
 
 _QUERY_ARG_DOC = ("only with an application/octet-stream body, whose bytes go to {bytes_param}; with a JSON "
                   "body this argument goes in the body, and giving it in the query string is refused (422)")
+_JSON_TEXT_DOC = "; in the query string it is JSON text (URL-encoded), e.g. ?{name}=" + "{{...}}"
 
 
 def _binary_query_params(entry: TaskEntry, schema: dict[str, Any]) -> list[dict[str, Any]]:
     """A binary call takes the task's other arguments from the query string (validate_binary, with
     `entry.query_model`): each one as a query parameter with its schema from the task's JSON Schema,
-    so a client generator knows where `?rounds=3` goes. `timeout` stays the call's own."""
+    typed as service/query_args.py parses it (`?size=64` is the integer 64), so a client generator
+    knows where `?rounds=3` goes; an object or array is JSON text (`content: application/json`).
+    `timeout` stays the call's own."""
     properties = schema.get("properties", {})
     required = set(schema.get("required", ()))
     description = _QUERY_ARG_DOC.format(bytes_param=entry.spec.bytes_param)
-    return [
-        {"name": arg, "in": "query", "required": arg in required, "description": description,
-         "schema": properties.get(arg, {})}
-        for arg in entry.query_model.model_fields
-        if arg != _TIMEOUT_PARAM["name"]
-    ]
+    params = []
+    for arg in entry.query_model.model_fields:
+        if arg == _TIMEOUT_PARAM["name"]:
+            continue
+        param: dict[str, Any] = {"name": arg, "in": "query", "required": arg in required, "description": description}
+        if is_json_text(entry.spec.hints.get(arg)):
+            param["description"] += _JSON_TEXT_DOC.format(name=arg)
+            param["content"] = {"application/json": {"schema": properties.get(arg, {})}}
+        else:
+            param["schema"] = properties.get(arg, {})
+        params.append(param)
+    return params
 
 
 def _task_operation(
-    name: str, doc: str, schema: dict[str, Any] | None, binary: bool, returns_bytes: bool
+    name: str, doc: str, schema: dict[str, Any] | None, binary: bool, returns_bytes: bool, body_required: bool = True
 ) -> dict[str, Any]:
+    """POST /v1/tasks/<name>. `body_required`: False for a task without required arguments, which
+    a POST with neither a body nor a Content-Type calls without arguments."""
     content: dict[str, Any] = {"application/json": {"schema": schema or {"type": "object"}}}
     if binary:
         content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
@@ -82,7 +94,7 @@ def _task_operation(
         "operationId": f"call_{name}" if schema else "call_task",
         "tags": ["tasks"],
         "parameters": [_TIMEOUT_PARAM],
-        "requestBody": {"required": True, "content": content},
+        "requestBody": {"required": body_required, "content": content},
         "responses": {"200": {"description": "the task's result", "content": ok_content}, **_CALL_ERRORS},
     }
 
@@ -124,19 +136,27 @@ def build_openapi(catalog: TaskCatalog, *, keys_required: bool = True) -> bytes:
             "responses": {"200": _json({"$ref": "#/components/schemas/TaskList"}, "tasks"),
                           "401": _problem("unauthorized")},
         }},
-        "/v1/tasks/{name}": {"post": {
-            **_task_operation("{name}", "", None, True, True),
-            "parameters": [
-                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-                _TIMEOUT_PARAM,
-            ],
-        }},
+        "/v1/tasks/{name}": {
+            "get": {
+                "summary": "One task, as GET /v1/tasks lists it", "operationId": "get_task", "tags": ["tasks"],
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Task"}, "the task"),
+                              "401": _problem("unauthorized"), "404": _problem("unknown-task")},
+            },
+            "post": {
+                **_task_operation("{name}", "", None, True, True),
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    _TIMEOUT_PARAM,
+                ],
+            },
+        },
     }
     schemas = dict(_SCHEMAS)
     for entry in catalog:
         schema = _hoist_defs(entry.name, entry.schema, schemas)
         op = _task_operation(entry.name, entry.spec.doc, schema, entry.spec.bytes_param is not None,
-                             entry.spec.returns_bytes)
+                             entry.spec.returns_bytes, body_required=bool(entry.required))
         if entry.spec.streams:  # a generator: its items as NDJSON lines (service/stream_handler.py)
             op["responses"]["200"] = stream_answer()
         if entry.spec.bytes_param is not None:
@@ -396,13 +416,15 @@ _SCHEMAS: dict[str, Any] = {
             "elapsed_ms": {"type": "number", "description": "milliseconds the task ran in its worker"},
         },
     },
+    "Task": {
+        "type": "object", "required": ["name", "doc", "params"],
+        "properties": {"name": {"type": "string"}, "doc": {"type": "string"},
+                       "params": {"type": "object", "description": "the JSON Schema of the task's arguments"}},
+    },
     "TaskList": {
         "type": "object",
         "required": ["tasks"],
-        "properties": {"tasks": {"type": "array", "items": {
-            "type": "object", "required": ["name", "doc", "params"],
-            "properties": {"name": {"type": "string"}, "doc": {"type": "string"}, "params": {"type": "object"}},
-        }}},
+        "properties": {"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}},
     },
     "Workers": {
         "type": "object",

@@ -34,6 +34,7 @@ def setup(app: web.Application) -> None:
     service = app[SERVICE]
     expect = expect_continue(service.config.max_body)
     app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/tasks/{name}", get_task)
     # One plain route per task: aiohttp finds a plain path with one dict lookup, where the {name}
     # pattern costs a failed match against /v1/tasks, a regex match and a match-info dict on every
     # call (~3.5 µs of loop CPU per call, measured with wrk: docs/architecture.md, "Performance notes").
@@ -46,8 +47,18 @@ def setup(app: web.Application) -> None:
 
 async def list_tasks(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    tasks = [{"name": e.name, "doc": e.spec.doc, "params": e.schema} for e in service.catalog]
+    tasks = [describe(e) for e in service.catalog]
     return json_response({"tasks": tasks})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """GET /v1/tasks/{name}: the task's entry, as in the list (404 unknown-task)."""
+    return json_response(describe(request.app[SERVICE].catalog.get(request.match_info["name"])))
+
+
+def describe(entry: TaskEntry) -> dict[str, Any]:
+    """A task as GET /v1/tasks lists it."""
+    return {"name": entry.name, "doc": entry.spec.doc, "params": entry.schema}
 
 
 def task_caller(task: TaskEntry | None) -> Handler:
@@ -70,17 +81,20 @@ async def _call_task(request: web.Request, service: Service, entry: TaskEntry) -
     own = entry.spec.timeout  # @task(timeout=...): replaces --task-timeout; ?timeout only shortens it
     timeout = call_timeout(request.query.get("timeout"), service.config.task_timeout, own=own, text=True) \
         if has_query else own
-    kind = body_kind(request)
+    kind = body_kind(request, binary_ok=entry.spec.bytes_param is not None, bare_ok=True)
     admit_or_refuse(service)  # before reading the body: a refused call costs no buffering
-    if kind == "json":
-        body = buffered_body(request, service.config.max_body)
-        if body is None:
-            body = await read_body(request, service.config.max_body)
+    if kind != "binary":
         extra = sorted(set(request.query) - {"timeout"}) if has_query else None
         if extra:
             raise invalid_argument(extra[0], "with a JSON body, arguments go in the body, not the query string",
                                    "given in the query string", more=extra[1:])
-        kwargs = service.catalog.validate_json(entry, parse_object(body))
+        if kind == "bare":  # no body, no Content-Type: a call without arguments
+            kwargs = service.catalog.validate_bare(entry)
+        else:
+            body = buffered_body(request, service.config.max_body)
+            if body is None:
+                body = await read_body(request, service.config.max_body)
+            kwargs = service.catalog.validate_json(entry, parse_object(body))
         if entry.spec.streams:  # a generator: its items as NDJSON, as they come
             return await stream_call(request, service, entry, kwargs, timeout)
         outcome = await run_task(service, entry.name, kwargs, timeout)

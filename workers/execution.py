@@ -49,7 +49,7 @@ from typing import Any
 
 import orjson
 
-from workers import aio, context, registry
+from workers import aio, arguments, context, registry
 from workers.protocol import (
     CALL_BATCH,
     CALL_MAP,
@@ -292,7 +292,8 @@ def lookup(name: str) -> tuple[Callable[..., Any], str | None]:
         spec = registry.get(name)
         if spec is None:
             raise LookupError(f"task {name!r} is not registered in this worker")
-        found = _TASKS[name] = (aio.plain(spec.fn, spec.kind), spec.view_param)
+        # rich arguments rebuilt from their JSON data (workers/arguments.py), then made a plain call
+        found = _TASKS[name] = (aio.plain(arguments.bound(spec), spec.kind), spec.view_param)
     return found
 
 

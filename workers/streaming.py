@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from workers import aio, registry
+from workers import aio, arguments, registry
 from workers.execution import _JSON_OPTIONS, Execution, Progress, describe_exception, release
 from workers.protocol import RESULT_ERROR, RESULT_JSON
 
@@ -92,5 +92,5 @@ def _lookup(name: str) -> tuple[Callable[..., Any], str | None]:
         raise LookupError(f"task {name!r} is not registered in this worker")
     if not spec.streams:
         raise TypeError(f"task {name!r} is not a generator: it returns one value, it does not stream")
-    found = _GENERATORS[name] = (spec.fn, spec.view_param)
+    found = _GENERATORS[name] = (arguments.bound(spec), spec.view_param)  # rich arguments rebuilt
     return found

@@ -188,7 +188,7 @@ def test_unknown_task_wins_over_a_bad_body(server):
 
 def test_other_http_errors_are_problems_too(server):
     assert_problem(http("GET", server.url + "/no/such/path"), 404, "not-found")
-    reply = http("GET", server.url + "/v1/tasks/primes")
+    reply = http("PUT", server.url + "/v1/tasks/primes")  # GET answers the task's entry
     assert_problem(reply, 405, "method-not-allowed")
     assert "POST" in reply.headers["allow"]
 

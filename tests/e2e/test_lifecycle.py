@@ -96,7 +96,8 @@ def check_user_tasks(server: ServerProcess) -> None:
     assert scale["properties"]["mode"]["enum"] == ["mul", "add"]
     assert {"type": "null"} in scale["properties"]["label"]["anyOf"]
 
-    assert tasks["byte_count"]["params"]["properties"]["blob"]["type"] == "string"
+    blob_arms = tasks["byte_count"]["params"]["properties"]["blob"]["anyOf"]  # UTF-8 text or {"base64": ...}
+    assert [arm["type"] for arm in blob_arms] == ["string", "object"]
 
     reply = post_json(server.url + "/v1/tasks/count_words", {"text": "a b a c a b", "top": 2})
     assert reply.status == 200, reply.body

@@ -212,7 +212,7 @@ async def test_unknown_routes_and_methods_are_problems(make_client):
     client = await make_client()
     await expect_problem(await client.get("/no/such/route"), 404, None)
     await expect_problem(await client.get("/v1/tasks/primes/extra"), 404, None)
-    resp = await client.get("/v1/tasks/primes")
+    resp = await client.put("/v1/tasks/primes")
     await expect_problem(resp, 405, None)
     assert "POST" in resp.headers.get("Allow", "")
     await expect_problem(await client.delete("/v1/tasks"), 405, None)
