@@ -77,3 +77,19 @@ def test_the_readme_tasks_are_listed_with_their_schemas(readme_server):
     [size] = [p for p in openapi["paths"]["/v1/tasks/thumbnail"]["post"]["parameters"] if p["name"] == "size"]
     assert size["schema"]["type"] == "integer" and size["in"] == "query"
 
+
+
+def test_the_heavy_state_block_serves_as_written_with_its_preload_run_once_in_the_worker_parent(tmp_path):
+    """The `# heavytasks.py` block under "Heavy state": served as the README says, called as its curl
+    line calls it; the preload ran in the worker parent, not in the HTTP process."""
+    source = readme_block("# heavytasks.py")
+    (tmp_path / "heavytasks.py").write_text(source, encoding="utf-8")
+    with serving(tmp_path, "--tasks", "heavytasks", "--workers", "2", env={"PYTHONPATH": str(tmp_path)}) as server:
+        reply = post_json(server.url + "/v1/tasks/nearest", {"row": 7})
+        assert reply.status == 200, reply.body
+        rows = reply.json()["result"]
+        assert len(rows) == 3 and 7 not in rows and all(0 <= r < 50_000 for r in rows)
+        listing = http("GET", server.url + "/v1/workers").json()
+        assert listing["parent"]["private_bytes"] is not None
+        for worker in listing["workers"]:  # the 49 MiB table is shared, not copied into each worker
+            assert worker["rss_bytes"] > 45 * 2**20 > worker["private_bytes"], worker
