@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess, http, metric, post_json, start_server, wait_for
+from tests.conftest import ServerProcess, http, joined, metric, post_json, run_in_thread, start_server, wait_for
 from tests.e2e.test_jobs import sse_events, submit, wait_final
 from workers.streaming import WINDOW
 
@@ -188,3 +188,29 @@ def test_openapi_documents_a_generator_s_answer_as_ndjson_lines(server: ServerPr
     assert [s["required"] for s in shapes] == [["item"], ["end", "items"], ["error"]]
     plain = doc["paths"]["/v1/tasks/st_async_add"]["post"]["responses"]["200"]
     assert "application/json" in plain["content"]
+
+
+def test_a_concurrency_1_generator_holds_its_slot_for_the_whole_stream_while_other_tasks_run(
+    tmp_path: Path,
+) -> None:
+    srv = start_server(tmp_path, "--workers", "2", "--tasks", STREAMS)
+    try:
+        gate = tmp_path / "gate"
+        first = Stream(srv, "st_serial", {"n": 3, "gate": str(gate)})
+        assert first.line() == {"item": 0}  # the stream runs, and holds the task's one slot
+        second, box = run_in_thread(post_json, srv.url + "/v1/tasks/st_serial", {"n": 2}, 60)
+        wait_for(lambda: metric(srv, "procbridge_task_waiting", 'task="st_serial"') == 1, 30,
+                 what="the second stream to wait for the slot")
+        other = post_json(srv.url + "/v1/tasks/st_async_add", {"a": 1, "b": 2})  # another task runs meanwhile
+        assert other.status == 200 and other.json()["result"]["sum"] == 3
+        assert second.is_alive()  # still waiting: the worker it would need is free, the slot is not
+        gate.write_text("go")
+        assert first.rest() == [{"item": 1}, {"item": 2}, {"end": True, "items": 3}]
+        reply = joined(second, box)
+        assert reply.status == 200
+        assert [json.loads(line) for line in reply.body.splitlines()] == [
+            {"item": 0}, {"item": 1}, {"end": True, "items": 2}
+        ]
+    finally:
+        srv.stop()
+        srv.kill_all()

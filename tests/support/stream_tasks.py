@@ -90,3 +90,12 @@ def st_crash_after_first(gate: str) -> Iterator[int]:
     yield 1
     _wait_for_file(gate)
     os._exit(9)
+
+
+@task(concurrency=1)
+def st_serial(n: int, gate: str = "") -> Iterator[int]:
+    """A generator with concurrency=1: yields 0..n-1, waiting for `gate` after the first item."""
+    for i in range(n):
+        yield i
+        if i == 0 and gate:
+            _wait_for_file(gate)
