@@ -7,6 +7,7 @@ image as the binary body."""
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
@@ -93,3 +94,22 @@ def test_the_heavy_state_block_serves_as_written_with_its_preload_run_once_in_th
         assert listing["parent"]["private_bytes"] is not None
         for worker in listing["workers"]:  # the 49 MiB table is shared, not copied into each worker
             assert worker["rss_bytes"] > 45 * 2**20 > worker["private_bytes"], worker
+
+
+def test_the_options_streams_and_batches_block_serves_as_written(tmp_path):
+    """The `# moretasks.py` block: each task called as the README shows (the countdown with a bare
+    POST, as its curl line does), and concurrent square roots answered each with its own value."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "moretasks.py").write_text(readme_block("# moretasks.py"), encoding="utf-8")
+    with serving(tmp_path, "--tasks", "moretasks", "--workers", "2", env={"PYTHONPATH": str(tmp_path)}) as server:
+        assert post_json(server.url + "/v1/tasks/report", {"name": "q3"}).json()["result"] == "report for q3"
+        assert post_json(server.url + "/v1/tasks/echo_twice", {"text": "hi"}).json()["result"] == ["hi", "hi"]
+        streamed = http("POST", server.url + "/v1/tasks/countdown")  # a bare POST, as the curl line
+        assert streamed.status == 200 and streamed.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in streamed.body.splitlines()]
+        assert lines == [{"item": {"left": 3}}, {"item": {"left": 2}}, {"item": {"left": 1}}, {"end": True, "items": 3}]
+        values = [float(v) for v in range(40)]
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda v: post_json(server.url + "/v1/tasks/square_root", {"x": v}), values))
+        assert [r.json()["result"] for r in replies] == pytest.approx([v ** 0.5 for v in values])
