@@ -15,20 +15,15 @@ import pytest
 pytest.importorskip("distributed")
 
 from tests.conftest import ServerProcess, post_json
-from tests.support.dask_cluster import DaskProcesses
+from tests.support.dask_cluster import DaskProcesses, running_cluster
 
 
 @pytest.fixture
 def dask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaskProcesses]:
     monkeypatch.setenv("BATCH_LOG", str(tmp_path / "batches.jsonl"))  # the Dask worker inherits it
     monkeypatch.setenv("BATCH_GATES", str(tmp_path))
-    procs = DaskProcesses(tmp_path / "dask")
-    try:
-        procs.start_scheduler()
-        procs.start_worker(nthreads=2)
+    with running_cluster(tmp_path / "dask", nthreads=2) as procs:
         yield procs
-    finally:
-        procs.close()
 
 
 def test_batched_calls_share_invocations_on_a_dask_cluster_and_each_caller_gets_its_own_result(

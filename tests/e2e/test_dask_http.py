@@ -17,20 +17,15 @@ pytest.importorskip("distributed")
 
 from tests.conftest import ServerProcess, http, post_json, wait_for
 from tests.e2e.test_jobs import sse_events, submit, wait_final
-from tests.support.dask_cluster import DaskProcesses
+from tests.support.dask_cluster import DaskProcesses, running_cluster
 
 TASKS = "tests.support.dask_tasks"
 
 
 @pytest.fixture
 def dask(tmp_path: Path) -> Iterator[DaskProcesses]:
-    procs = DaskProcesses(tmp_path / "dask")
-    try:
-        procs.start_scheduler()
-        procs.start_worker(nthreads=2)
+    with running_cluster(tmp_path / "dask", nthreads=2) as procs:
         yield procs
-    finally:
-        procs.close()
 
 
 def test_server_on_a_dask_cluster(dask: DaskProcesses, server_factory: Callable[..., ServerProcess]) -> None:

@@ -14,20 +14,15 @@ pytest.importorskip("distributed")
 
 from tests.conftest import ServerProcess, post_json
 from tests.e2e.test_jobs import submit, wait_final
-from tests.support.dask_cluster import DaskProcesses
+from tests.support.dask_cluster import DaskProcesses, running_cluster
 
 STREAMS = "tests.support.stream_tasks"
 
 
 @pytest.fixture
 def dask(tmp_path: Path) -> Iterator[DaskProcesses]:
-    procs = DaskProcesses(tmp_path / "dask")
-    try:
-        procs.start_scheduler()
-        procs.start_worker(nthreads=2)
+    with running_cluster(tmp_path / "dask", nthreads=2) as procs:
         yield procs
-    finally:
-        procs.close()
 
 
 @pytest.mark.parametrize("isolate", ["process", "thread"])

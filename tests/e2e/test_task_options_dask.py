@@ -16,18 +16,13 @@ pytest.importorskip("distributed")
 
 from tests.conftest import ServerProcess, post_json, wait_for
 from tests.e2e.test_task_options import TASKS, started, waiting
-from tests.support.dask_cluster import DaskProcesses
+from tests.support.dask_cluster import DaskProcesses, running_cluster
 
 
 @pytest.fixture
 def dask(tmp_path: Path) -> Iterator[DaskProcesses]:
-    procs = DaskProcesses(tmp_path / "dask")
-    try:
-        procs.start_scheduler()
-        procs.start_worker(nthreads=3)
+    with running_cluster(tmp_path / "dask", nthreads=3) as procs:
         yield procs
-    finally:
-        procs.close()
 
 
 def test_task_options_on_a_dask_cluster(

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -139,3 +140,16 @@ def _dask_semaphores() -> set[str]:
         return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
     except OSError:
         return set()
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path, nthreads: int = 2) -> Iterator[DaskProcesses]:
+    """A scheduler and one worker of `nthreads` threads for the block (the e2e tests' fixture);
+    everything stopped after it, however it ended."""
+    procs = DaskProcesses(directory)
+    try:
+        procs.start_scheduler()
+        procs.start_worker(nthreads=nthreads)
+        yield procs
+    finally:
+        procs.close()
