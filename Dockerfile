@@ -14,9 +14,12 @@ RUN /opt/venv/bin/pip install --no-deps --require-virtualenv -r requirements.loc
 COPY pyproject.toml README.md ./
 # Every package pyproject.toml lists ([tool.setuptools] packages); scripts/container-smoke builds
 # exactly what these lines copy, so a package missing here fails CI.
+COPY procbridge ./procbridge
 COPY service ./service
 COPY workers ./workers
 COPY bench ./bench
+# --no-deps, so no extra to name: requirements.lock above already holds the client's dependency (httpx)
+# and the server's (the `server` extra of pyproject.toml), exactly pinned.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 
