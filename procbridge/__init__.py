@@ -40,6 +40,7 @@ from procbridge.errors import (
     WorkerCrashed,
     problem_error,
 )
+from procbridge.executor import RemoteExecutor
 
 __all__ = [
     "AsyncClient",
@@ -60,6 +61,7 @@ __all__ = [
     "ProcbridgeError",
     "ProtocolError",
     "RateLimited",
+    "RemoteExecutor",
     "ServiceUnreachable",
     "StreamingUnsupported",
     "TaskFailed",

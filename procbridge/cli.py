@@ -322,7 +322,7 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help="the server [PROCBRIDGE_URL, else http://127.0.0.1:8080]")
     common.add_argument("--api-key", default=argparse.SUPPRESS, help="bearer key [PROCBRIDGE_API_KEY]")
@@ -376,6 +376,10 @@ def _server_command(argv: list[str]) -> int:
     """`serve` and `loadtest` belong to the server's install: handed to service.cli, imported only now."""
     try:
         from service.cli import main as service_main
+
+        if argv[0] == "serve":  # what `serve` runs on: without the server extra, this is where it fails
+            import service.config
+            import service.server  # noqa: F401
     except ImportError as exc:
         print(f"procbridge: `procbridge {argv[0]}` needs the server, which is not installed here ({exc}).\n"
               "Install it with: pip install 'procbridge[server]'", file=sys.stderr)
