@@ -51,7 +51,8 @@ def metadata(wheel: Path) -> list[Requirement]:
     with zipfile.ZipFile(wheel) as zf:
         [name] = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
         text = zf.read(name).decode()
-    return [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    prefix = "Requires-Dist:"
+    return [Requirement(line[len(prefix):].strip()) for line in text.splitlines() if line.startswith(prefix)]
 
 
 def test_the_wheel_requires_httpx_alone_and_the_server_only_with_its_extra(wheel: Path) -> None:
