@@ -1,5 +1,6 @@
-"""The package structure holds: no import circle anywhere in service/, workers/ and bench/, and the
-process side (workers/) never imports the HTTP side (service/).
+"""The package structure holds: no import circle anywhere in service/, workers/, bench/ and procbridge/,
+the process side (workers/) never imports the HTTP side (service/), and the client (procbridge/)
+imports only the standard library, httpx and itself, so `pip install procbridge` needs nothing else.
 
 Imports are read from the source with `ast` (nothing is imported): every `import` and `from ...
 import` statement, at module level, inside functions, and under `if TYPE_CHECKING:` alike, since a
@@ -10,12 +11,16 @@ as an edge to `pkg.name` when that is a module, else to `pkg`.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("service", "workers", "bench")
+PACKAGES = ("service", "workers", "bench", "procbridge")
+# The one way from the client into the server: `procbridge serve|loadtest` hands over to service.cli,
+# imported only then (procbridge/cli.py; without the server extra it says what to install).
+CLIENT_TO_SERVER = {("procbridge.cli", m) for m in ("service.cli", "service.config", "service.server")}
 MAX_LINES = 500  # a module a newcomer reads in one sitting (issue 15: "no module ... over ~500 lines")
 
 
@@ -88,6 +93,32 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def external_imports(name: str, path: Path) -> set[str]:
+    """The top-level names of everything module `name` imports that is not relative."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_client_imports_only_the_standard_library_httpx_and_itself() -> None:
+    wrong = {}
+    for name, path in modules().items():
+        if name.split(".")[0] != "procbridge":
+            continue
+        bad = sorted(
+            target for target in external_imports(name, path)
+            if target.split(".")[0] not in (*sys.stdlib_module_names, "httpx", "procbridge", "__future__")
+            and (name, target) not in CLIENT_TO_SERVER
+        )
+        if bad:
+            wrong[name] = bad
+    assert wrong == {}
+
+
 def test_no_module_of_service_workers_or_bench_is_part_of_an_import_circle() -> None:
     assert circles(import_graph()) == []
 
@@ -99,7 +130,7 @@ def test_the_process_side_never_imports_the_http_side() -> None:
     assert {m: t for m, t in wrong.items() if t} == {}
 
 
-@pytest.mark.parametrize("package", ["service", "workers"])
+@pytest.mark.parametrize("package", ["service", "workers", "procbridge"])
 def test_no_module_is_longer_than_one_sitting(package: str) -> None:
     long = {str(p.relative_to(ROOT)): n for name, p in modules().items()
             if name.split(".")[0] == package and (n := len(p.read_text().splitlines())) > MAX_LINES}
