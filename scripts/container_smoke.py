@@ -452,7 +452,8 @@ def part_build(work: Path) -> Path:
     except BuildFailed as exc:
         print(f"---- build log ----\n{(work / 'build.log').read_text(errors='replace')[-6000:]}", file=sys.stderr)
         raise Failed(f"build: {exc}") from None
-    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import service, workers, sys; print(sys.prefix)"],
+    imports = "import procbridge, service, workers, sys; print(sys.prefix)"
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", imports],
                            cwd=work, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     if probe.returncode != 0 or Path(probe.stdout.strip()) != venv:
         raise Failed(f"build: the built venv cannot import the project: {probe.stderr.strip()}")
