@@ -299,6 +299,26 @@ class MapOrder:
             raise ServiceUnreachable(f"the map answer ended with {missing} of {self.total} items missing")
 
 
+class JobHandle:
+    """What `Job` and `AsyncJob` share: the id, the client that asks about it, the last document seen;
+    two handles are equal when they name the same job through the same client."""
+
+    def __init__(self, client: Any, job_id: str, doc: dict[str, Any] | None = None) -> None:
+        self.id = job_id
+        self._client = client
+        self._doc = doc
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobHandle) and type(other) is type(self) and other.id == self.id \
+            and other._client is self._client
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
 @dataclass(frozen=True)
 class Event:
     """One server-sent event of a job: `type` ("progress", "status", "item", "result", "error"),

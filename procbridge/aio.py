@@ -237,22 +237,10 @@ class AsyncClient:
         return list(_field(doc, "jobs", list))
 
 
-class AsyncJob:
+class AsyncJob(_core.JobHandle):
     """An async job of an `AsyncClient`; the methods of `Job`, awaited (`events()` is an async iterator)."""
 
-    def __init__(self, client: AsyncClient, job_id: str, doc: dict[str, Any] | None = None) -> None:
-        self.id = job_id
-        self._client = client
-        self._doc = doc
-
-    def __repr__(self) -> str:
-        return f"AsyncJob({self.id!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AsyncJob) and other.id == self.id and other._client is self._client
-
-    def __hash__(self) -> int:
-        return hash(self.id)
+    _client: AsyncClient
 
     async def info(self) -> dict[str, Any]:
         doc = await self._client._json(Request("GET", _core.job_path(self.id)))

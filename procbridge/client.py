@@ -209,22 +209,10 @@ class Client:
         return list(_field(doc, "jobs", list))
 
 
-class Job:
+class Job(_core.JobHandle):
     """An async job of a `Client`: `.id`, and methods that ask the service about it."""
 
-    def __init__(self, client: Client, job_id: str, doc: dict[str, Any] | None = None) -> None:
-        self.id = job_id
-        self._client = client
-        self._doc = doc
-
-    def __repr__(self) -> str:
-        return f"Job({self.id!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Job) and other.id == self.id and other._client is self._client
-
-    def __hash__(self) -> int:
-        return hash(self.id)
+    _client: Client
 
     def info(self) -> dict[str, Any]:
         """The job document: {"id", "task", "status", "created_at", ..., "progress", "result"?, "error"?}."""
