@@ -50,16 +50,13 @@ class ForkedProcess:
     def exitcode(self) -> int | None:
         """Its exit code once the parent reaped it (negative: the signal that killed it); None while
         it runs, or when the parent died before telling."""
-        if not self._known and not self._closed:
-            ready, _, _ = select.select([self.sentinel], [], [], 0)
-            if ready:
-                self._read()
+        self.join(0)
         return self._exitcode
 
     @property
     def gone(self) -> bool:
         """The status pipe has spoken: an exit code, or EOF because the parent itself is gone."""
-        self.exitcode  # noqa: B018 - polls the pipe
+        self.join(0)
         return self._known
 
     def _read(self) -> None:
@@ -71,6 +68,7 @@ class ForkedProcess:
         self._known = True
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait up to `timeout` seconds (None: for ever; 0: a poll) for the status pipe to speak."""
         if self._known or self._closed:
             return
         ready, _, _ = select.select([self.sentinel], [], [], timeout)

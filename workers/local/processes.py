@@ -18,14 +18,6 @@ from workers.local.forks import ForkedProcess
 log = logging.getLogger("procbridge.pool")
 
 
-def exit_code_of(proc: ForkedProcess) -> int | None:
-    """The exit code of a process whose sentinel fired (a non-blocking poll), None if unknown."""
-    try:
-        return proc.exitcode
-    except (ValueError, OSError):
-        return None
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL a worker and its process group (what its task started); the worker leads the group."""
     if pid <= 0:

@@ -49,7 +49,7 @@ from workers.local.calls import Call, drop, drop_leases, settle
 from workers.local.forks import ForkedProcess, StartFailed, WorkerParent
 from workers.local.handle import WorkerHandle
 from workers.local.output import OutputRelay
-from workers.local.processes import exit_code_of, kill_group, kill_tree, stop_processes
+from workers.local.processes import kill_group, kill_tree, stop_processes
 from workers.local.state import PoolState
 from workers.stats import BUSY, RETIRE_REASONS, RETIRING, WorkerTable
 from workers.worker import WorkerOptions, rss_of
@@ -218,7 +218,7 @@ class Supervisor:
         if state.workers[w.slot] is w:
             state.workers[w.slot] = None
         state.unpark(w)
-        exitcode = exit_code_of(w.proc)
+        exitcode = w.proc.exitcode
         kill_group(w.pid)  # whatever the task started in the worker's process group goes with it
         self.output.remove(w.pid)  # its output streams, even if something it started still holds them
         running = row.call_id if mine and row.state == BUSY else None
@@ -339,13 +339,10 @@ class Supervisor:
         assert loop is not None and table is not None
         try:
             await self._ensure_parent()
-        except asyncio.CancelledError:
-            raise
         except Exception:
             if self._parents <= 1 and (self._started is None or not self._started.is_set()):
                 raise  # the first parent: start() reports it
-            state.replacing.discard(slot)
-            self._background(self._respawn(slot, self._backoff() or 1.0))
+            self._retry_later(slot)
             return
         if self.closed:
             return
@@ -366,20 +363,17 @@ class Supervisor:
         parent = self._parent
         try:
             proc = await loop.run_in_executor(self._spawner, parent.fork, worker_options, theirs, out_w, err_w)
-        except asyncio.CancelledError:
+        except BaseException as exc:
             ours.close()
             for fd in (out_r, err_r):
                 os.close(fd)
-            raise
-        except Exception:
-            ours.close()
-            for fd in (out_r, err_r):
-                os.close(fd)
-            state.replacing.discard(slot)
-            if self.closed:
-                return
-            log.exception("could not start a worker; retrying")
-            self._background(self._respawn(slot, self._backoff() or 1.0))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the pool is closing
+            if not self.closed:
+                log.exception("could not start a worker; retrying")
+                self._retry_later(slot)
+            else:
+                state.replacing.discard(slot)
             return
         finally:
             theirs.close()
@@ -397,6 +391,12 @@ class Supervisor:
         state.workers[slot] = w
         loop.add_reader(ours.fileno(), self._read, w)
         loop.add_reader(proc.sentinel, self.on_exit, w)
+
+    def _retry_later(self, slot: int) -> None:
+        """A start failed (the parent could not be started, or would not fork): try the slot again
+        after the crash back-off, at least 1 s; meanwhile it is no replacement the service waits for."""
+        self._state.replacing.discard(slot)
+        self._background(self._respawn(slot, self._backoff() or 1.0))
 
     def _task_of(self, slot: int, pid: int) -> str | None:
         """For the output relay (its own thread): what the worker in `slot` runs now."""
