@@ -105,22 +105,20 @@ class Server:
     async def _serve(self, app: web.Application) -> None:
         starting = app[SERVICE].executor_start
         stopped = asyncio.ensure_future(self._stop.wait())
-        waits: set[asyncio.Future[Any]] = {stopped}
-        if starting is not None:
-            waits.add(starting)
-        while not stopped.done():
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if starting is not None and starting.done():
-                waits.discard(starting)
-                if not starting.cancelled() and starting.exception() is not None:
-                    exc = starting.exception()
+        try:
+            if starting is not None:  # a signal, or the end of the executor's start, whichever comes first
+                first: list[asyncio.Future[Any]] = [stopped, starting]
+                await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+                if starting.done() and not starting.cancelled() and (exc := starting.exception()) is not None:
                     details = getattr(exc, "details", "")
                     if details:  # the hook's or the module's own traceback
                         log.error("the worker parent could not load the tasks:\n%s", details.rstrip())
                     log.error("cannot start: %s", exc)
                     self.exit_code = 1
-                    stopped.cancel()
                     return
+            await stopped
+        finally:
+            stopped.cancel()
 
     async def _drain(self, app: web.Application) -> None:
         service = app[SERVICE]
