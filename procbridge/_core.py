@@ -74,6 +74,12 @@ class Settings:
             return httpx.Timeout(None, connect=CONNECT_TIMEOUT)
         return httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT))
 
+    def http_options(self) -> dict[str, Any]:
+        """What `httpx.Client` and `httpx.AsyncClient` are made with, the same for both: the base URL,
+        the key, the timeouts, and no redirect followed (a redirect would carry the key elsewhere)."""
+        return {"base_url": self.url, "headers": self.headers(), "timeout": self.http_timeout(),
+                "follow_redirects": False}
+
     def deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 

@@ -32,8 +32,7 @@ class Client:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float | None = None,
                  retries: int = 3) -> None:
         self._settings = Settings.resolve(url, api_key, timeout, retries)
-        self._http = httpx.Client(base_url=self._settings.url, headers=self._settings.headers(),
-                                  timeout=self._settings.http_timeout(), follow_redirects=False)
+        self._http = httpx.Client(**self._settings.http_options())
 
     @property
     def url(self) -> str:
