@@ -154,7 +154,7 @@ async def job_runner(app: web.Application) -> AsyncIterator[None]:
     store, executor = service.store, service.executor
     assert store is not None and executor is not None  # opened by the contexts before this one
     runner = JobRunner(
-        store, executor, service.catalog, JobEvents(),
+        store, executor, service.catalog, JobEvents(store),
         concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
         shared_store=store.shared, debug=config.debug, gates=service.gates,
     )

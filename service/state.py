@@ -40,6 +40,7 @@ class Service:
     access_log: AccessLogSink | None = None  # None: --access-log off
     audit: AuditLog | None = None  # refused API keys; None without --api-keys
     gates: TaskGates = field(init=False)  # @task(concurrency=N): service/concurrency.py
+    webhook_policy: Any = None  # TEMP until the webhooks module lands
 
     def __post_init__(self) -> None:
         limits = ((e.name, e.spec.concurrency) for e in self.catalog if e.spec.concurrency is not None)

@@ -46,12 +46,24 @@ def wait_final(url: str, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
 
 def sse_events(url: str, path: str, timeout: float = 30.0) -> Iterator[tuple[str, Any]]:
     """Read a server-sent-event stream with a plain HTTP client until the server ends it."""
+    for _id, event, data in sse_stream(url, path, timeout=timeout):
+        yield event, data
+
+
+def sse_stream(
+    url: str, path: str, *, last_event_id: str | None = None, timeout: float = 30.0
+) -> Iterator[tuple[str | None, str, Any]]:
+    """(id, event, data) of each event of a stream, sending `Last-Event-ID` when given."""
     host, port = url.removeprefix("http://").split(":")
     conn = httpclient.HTTPConnection(host, int(port), timeout=timeout)
-    conn.request("GET", path, headers={"Accept": "text/event-stream"})
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    conn.request("GET", path, headers=headers)
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     assert resp.getheader("Content-Type", "").startswith("text/event-stream")
+    event_id: str | None = None
     event, data = "message", []
     try:
         for raw in resp:
@@ -60,10 +72,12 @@ def sse_events(url: str, path: str, timeout: float = 30.0) -> Iterator[tuple[str
                 continue
             if line == "":
                 if data:
-                    yield event, json.loads("\n".join(data))
-                event, data = "message", []
+                    yield event_id, event, json.loads("\n".join(data))
+                event, data, event_id = "message", [], None
             elif line.startswith("event:"):
                 event = line[6:].strip()
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
             elif line.startswith("data:"):
                 data.append(line[5:].lstrip())
     finally:
@@ -120,7 +134,15 @@ def test_args_that_are_not_an_object_are_named_in_the_422(server):
         ({"task": "primes", "args": {"limit": 5}, "timeout": -1}, 422, "invalid-arguments"),
         ({"task": "primes", "args": {"limit": 5}, "timeout": "soon"}, 422, "invalid-arguments"),
         ({"args": {"limit": 5}}, 422, "invalid-arguments"),
-        ({"task": "primes", "args": {"limit": 5}, "priority": 1}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "priority": "high"}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "priority": 1.5}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "priority": 2**31}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "delay": -1}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "delay": 1, "run_at": 5}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "run_at": "tomorrow"}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "retries": 101}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "retries": -1}, 422, "invalid-arguments"),
+        ({"task": "primes", "args": {"limit": 5}, "unknown": 1}, 422, "invalid-arguments"),
         ([1, 2], 400, "invalid-json"),
     ],
 )
@@ -229,12 +251,13 @@ def test_events_stream_progress_then_result(server):
     assert job(server.url, created["id"])["progress"] == {"done": 100.0, "total": 100.0, "message": "100%"}
 
 
-def test_late_listener_gets_the_current_state_and_the_end(server):
+def test_late_listener_gets_the_whole_log_then_the_end_each_with_an_id(server):
     created = submit(server.url, "primes", {"limit": 1000}).json()
     wait_final(server.url, created["id"])
-    events = list(sse_events(server.url, f"/v1/jobs/{created['id']}/events"))
-    assert [e for e, _ in events] == ["status", "result"]
-    assert events[0][1] == {"status": "succeeded"} and events[1][1]["result"] == 168
+    events = list(sse_stream(server.url, f"/v1/jobs/{created['id']}/events"))
+    assert [(i, e) for i, e, _ in events] == [("1-1", "status"), ("end-1", "status"), ("end-2", "result")]
+    assert events[0][2] == {"status": "running", "attempt": 1}
+    assert events[1][2] == {"status": "succeeded"} and events[2][2]["result"] == 168
 
 
 def test_several_listeners_each_get_the_whole_stream(server):
