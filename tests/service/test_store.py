@@ -458,8 +458,8 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     prefixed = open_store("redis://h:1/0?prefix=pb:&socket_timeout=5")
     assert isinstance(prefixed, RedisJobStore)
     assert prefixed.prefix == "pb:" and prefixed.url == "redis://h:1/0?socket_timeout=5"
-    url = parse_store("unix:///tmp/r.sock?prefix=x:")
-    assert (url.location, url.prefix) == ("unix:///tmp/r.sock", "x:")
+    parsed = parse_store("unix:///tmp/r.sock?prefix=x:")
+    assert (parsed.location, parsed.prefix) == ("unix:///tmp/r.sock", "x:")
     for bad in ("", "postgres://db/jobs"):
         with pytest.raises(ValueError):
             open_store(bad)
