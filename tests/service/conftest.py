@@ -1,6 +1,6 @@
 """The job store fixtures, shared by the store suites (test_store.py, test_store_further.py): every test
 parametrized over SQLite (a file in a tmp dir) and Redis (a real redis-server on a free loopback port,
-started once for the session; each test gets its own key prefix)."""
+started once for the session by tests/conftest.py's `redis_server`; each test gets its own key prefix)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,6 @@ import pytest
 from service.jobs.store import open_store
 from service.jobs.store.base import JobStore
 from tests.support.redis_server import RedisServer, need_redis_server
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    need_redis_server()
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
