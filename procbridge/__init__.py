@@ -10,7 +10,7 @@ Installing the client (`pip install procbridge`) pulls only httpx; the service i
 
 from __future__ import annotations
 
-from procbridge._core import Event
+from procbridge._events import Event
 from procbridge._version import __version__
 from procbridge.aio import AsyncClient, AsyncJob
 from procbridge.client import Client, Job

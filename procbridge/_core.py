@@ -1,5 +1,6 @@
 """What the sync and the asyncio client share, without I/O: settings, request encoding, answer
-decoding, the retry policy, and the incremental NDJSON and server-sent-event readers.
+decoding, the retry policy, and the incremental NDJSON readers (a job's server-sent events, and when
+to reopen their stream: procbridge/_events.py).
 
 Each client (procbridge/client.py, procbridge/aio.py) only moves bytes with httpx and sleeps: every
 decision (what to send, what an answer means, whether and how long to wait before a retry) is here,
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
+from procbridge._events import Event
 from procbridge._version import __version__
 from procbridge.errors import (
     Overloaded,
@@ -174,18 +176,40 @@ def map_request(task: str, items: Iterable[Mapping[str, Any]], ordered: bool, ta
 
 
 def submit_request(task: str, args: dict[str, Any], idempotency_key: str | None, priority: int | None,
-                   delay: float | None, timeout: float | None) -> tuple[Request, dict[str, str]]:
+                   delay: float | None, timeout: float | None, *, run_at: float | None = None,
+                   retries: int | None = None, webhook: str | None = None) -> tuple[Request, dict[str, str]]:
+    """POST /v1/jobs; each option goes in the body only when given, so the service's own default holds
+    (API.md "Jobs, further": priority 0, at once, the task's retries, no webhook)."""
+    if delay is not None and run_at is not None:
+        raise ValueError("give delay (seconds from now) or run_at (epoch seconds), not both")
     body: dict[str, Any] = {"task": task, "args": args}
-    # Only what is given: today's service refuses fields it does not know (priority and delay come
-    # with the jobs issue; until then the service answers 422 invalid-arguments naming them).
-    if timeout is not None:
-        body["timeout"] = timeout
-    if priority is not None:
-        body["priority"] = priority
-    if delay is not None:
-        body["delay"] = delay
+    for name, value in (("timeout", timeout), ("priority", priority), ("delay", delay), ("run_at", run_at),
+                        ("retries", retries), ("webhook", webhook)):
+        if value is not None:
+            body[name] = value
     extra = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
     return Request("POST", "/v1/jobs", content=encode_json(body), content_type=JSON_TYPE), extra
+
+
+def jobs_request(status: str | None, limit: int | None, task: str | None, cursor: str | None = None) -> Request:
+    """GET /v1/jobs: one page, newest first; `cursor` is the `next` of the page before."""
+    pairs = (("status", status), ("limit", limit), ("task", task), ("cursor", cursor))
+    params = {name: str(value) for name, value in pairs if value is not None}
+    return Request("GET", "/v1/jobs", params=params or None)
+
+
+def jobs_page(doc: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """A listing's jobs and the cursor of the page after it (None after the last page)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+        raise ProtocolError(f"expected an object with 'jobs' (list), got {str(doc)[:200]}")
+    following = doc.get("next")
+    if following is not None and (not isinstance(following, str) or not following):
+        raise ProtocolError(f"the listing's 'next' is not a cursor: {following!r}")
+    return list(doc["jobs"]), following
+
+
+def events_request(job_id: str) -> Request:
+    return Request("GET", job_path(job_id) + "/events", accept="text/event-stream")
 
 
 def media_type(response: httpx.Response) -> str:
@@ -325,50 +349,6 @@ class JobHandle:
         return hash(self.id)
 
 
-@dataclass(frozen=True)
-class Event:
-    """One server-sent event of a job: `type` ("progress", "status", "item", "result", "error"),
-    `data` (its JSON, decoded) and `id` (the event id, or None)."""
-
-    type: str
-    data: Any
-    id: str | None = None
-
-
-class SSEParser:
-    """Server-sent events, fed line by line (https://html.spec.whatwg.org/#event-stream-interpretation)."""
-
-    def __init__(self) -> None:
-        self._event = ""
-        self._data: list[str] = []
-        self._id: str | None = None
-
-    def feed(self, line: str) -> Event | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            if not self._data:
-                self._event = ""
-                return None
-            raw = "\n".join(self._data)
-            event, self._event, self._data = self._event or "message", "", []
-            try:
-                data: Any = json.loads(raw)
-            except ValueError:
-                data = raw
-            return Event(event, data, self._id)
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
-        elif name == "id":
-            self._id = value or None
-        return None
-
-
 def job_outcome(event: Event) -> tuple[bool, Any]:
     """A final event: (True, result) for `result` (a binary result: (True, None), fetch result_url),
     raise the job's error for `error`."""
@@ -447,4 +427,4 @@ def remaining(deadline: float | None) -> float | None:
     return left
 
 
-__all__ = ["END", "Backoff", "Event", "ProblemError", "Request", "SSEParser", "Settings"]
+__all__ = ["END", "Backoff", "Event", "ProblemError", "Request", "Settings"]

@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 
-from procbridge import _core
-from procbridge._core import END, FINAL_STATUSES, Backoff, Event, Request, Settings
-from procbridge.errors import ProblemError, ProtocolError, ServiceUnreachable, Timeout
+from procbridge import _core, _events
+from procbridge._core import END, FINAL_STATUSES, Backoff, Request, Settings
+from procbridge._events import Event
+from procbridge.errors import ProblemError, ProcbridgeError, ProtocolError, ServiceUnreachable, Timeout
 
 
 class AsyncClient:
@@ -220,20 +221,33 @@ class AsyncClient:
 
     async def submit(self, task: str, args: Mapping[str, Any] | None = None, /, *,
                      idempotency_key: str | None = None, priority: int | None = None, delay: float | None = None,
+                     run_at: float | None = None, retries: int | None = None, webhook: str | None = None,
                      timeout: float | None = None, **kwargs: Any) -> AsyncJob:
         """As `Client.submit`."""
         req, headers = _core.submit_request(task, _core.merge_args(args, kwargs), idempotency_key, priority,
-                                            delay, timeout)
+                                            delay, timeout, run_at=run_at, retries=retries, webhook=webhook)
         doc = await self._json(req, headers)
         return AsyncJob(self, str(_field(doc, "id", str)), doc)
 
     def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, job_id)
 
-    async def jobs(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
-        doc = await self._json(Request("GET", "/v1/jobs", params=params or None))
-        return list(_field(doc, "jobs", list))
+    async def jobs(self, status: str | None = None, limit: int | None = None,
+                   task: str | None = None) -> list[dict[str, Any]]:
+        """As `Client.jobs`: one page."""
+        doc = await self._json(_core.jobs_request(status, limit, task))
+        return _core.jobs_page(doc)[0]
+
+    async def iter_jobs(self, status: str | None = None, task: str | None = None,
+                        page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """As `Client.iter_jobs`: `async for doc in client.iter_jobs(task="resize")`."""
+        cursor: str | None = None
+        while True:
+            page, cursor = _core.jobs_page(await self._json(_core.jobs_request(status, page_size, task, cursor)))
+            for doc in page:
+                yield doc
+            if cursor is None:
+                return
 
 
 class AsyncJob(_core.JobHandle):
@@ -256,21 +270,43 @@ class AsyncJob(_core.JobHandle):
         self._doc = doc
         return dict(doc)
 
-    async def events(self, timeout: float | None = None) -> AsyncGenerator[Event, None]:
-        """As `Job.events`: `async for event in job.events()`."""
-        req = Request("GET", _core.job_path(self.id) + "/events", accept="text/event-stream")
-        response = await self._client._open(req, timeout=httpx.Timeout(timeout, connect=_core.CONNECT_TIMEOUT))
-        lines = self._client._lines(req, response)
-        parser = _core.SSEParser()
-        try:
-            async for line in lines:
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
-                    if event.type in ("result", "error"):
-                        return
-        finally:
-            await lines.aclose()
+    async def events(self, timeout: float | None = None,
+                     last_event_id: str | None = None) -> AsyncGenerator[Event, None]:
+        """As `Job.events`, resumed the same way: `async for event in job.events()` (the request goes out
+        at the first event)."""
+        req = _core.events_request(self.id)
+        resume = _events.StreamResume(self._client._settings, self._client.url + req.path, last_event_id)
+        http_timeout = httpx.Timeout(timeout, connect=_core.CONNECT_TIMEOUT)
+        while not resume.finished:
+            try:
+                response = await self._client._open(req, resume.headers(), retries=0, timeout=http_timeout)
+            except _events.RESUMABLE as exc:
+                await asyncio.sleep(resume.broke(exc) or 0.0)  # a failure to open is retried or raised
+                continue
+            lines = self._client._lines(req, response)
+            parser = _events.SSEParser()
+            error: ProcbridgeError | None = None
+            try:
+                while True:
+                    try:
+                        line = await anext(lines)
+                    except StopAsyncIteration:
+                        break
+                    except _events.RESUMABLE as exc:
+                        error = exc
+                        break
+                    event = parser.feed(line)
+                    if event is not None:
+                        resume.seen(event)
+                        yield event
+                        if resume.finished:
+                            return
+            finally:
+                await lines.aclose()
+            delay = resume.broke(error)
+            if delay is None:
+                return  # a stream that cannot be resumed ended
+            await asyncio.sleep(delay)
 
     async def result(self, timeout: float | None = None) -> Any:
         """As `Job.result`."""
@@ -295,6 +331,7 @@ class AsyncJob(_core.JobHandle):
                     raise _core.job_error(event.data if isinstance(event.data, dict) else {})
         finally:
             await events.aclose()
+        # ended without its final event, from a service that cannot resume it (no event ids): ask
         doc = await self.info()
         if doc.get("status") in FINAL_STATUSES:
             return doc

@@ -2,9 +2,9 @@
 
     procbridge call TASK [key=value ...] [@FILE] [-o FILE]    run a task, print its result
     procbridge stream TASK [key=value ...]                    a generator task's items, one JSON line each
-    procbridge submit TASK [key=value ...]                    start a job, print its id
+    procbridge submit TASK [key=value ...] [--priority N] [--delay S | --run-at T] ...   start a job, print its id
     procbridge job ID [--follow] | procbridge cancel ID       a job (followed to its end) / cancel it
-    procbridge jobs [--status S] [--limit N] | tasks | workers
+    procbridge jobs [--status S] [--task T] [--limit N] [--all] | tasks | workers
     procbridge serve ... | procbridge loadtest ...            the server's own commands (service/cli.py)
 
 Arguments: `key=value` takes the value as JSON where it parses (`limit=10`, `flag=true`,
@@ -23,6 +23,7 @@ client's retries); 5 anything else (an answer that breaks the API, an internal e
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -238,7 +239,8 @@ def cmd_submit(client: Any, ns: argparse.Namespace, out: IO[str]) -> int:
     if body is not None:
         raise UsageError("a job takes JSON arguments; pass bytes as key=@FILE text or base64 ({\"base64\": ...})")
     job = client.submit(ns.task, idempotency_key=ns.idempotency_key, priority=ns.priority, delay=ns.delay,
-                        timeout=ns.task_timeout, **args)
+                        run_at=ns.run_at, retries=ns.task_retries, webhook=ns.webhook, timeout=ns.task_timeout,
+                        **args)
     out.write(f"{job.id}\n")
     out.flush()
     return OK
@@ -288,7 +290,11 @@ def cmd_cancel(client: Any, ns: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_jobs(client: Any, ns: argparse.Namespace, out: IO[str]) -> int:
-    print_json(client.jobs(status=ns.status, limit=ns.limit), out)
+    if ns.all:
+        jobs = list(client.iter_jobs(status=ns.status, task=ns.task, page_size=ns.limit or 100))
+    else:
+        jobs = client.jobs(status=ns.status, limit=ns.limit, task=ns.task)
+    print_json(jobs, out)
     return OK
 
 
@@ -321,6 +327,21 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def epoch_seconds(text: str) -> float:
+    """`--run-at`: epoch seconds, or an ISO 8601 time (`2030-01-31T02:00:00Z`; without a zone: local time)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(text) from None
+
+
+epoch_seconds.__name__ = "time"  # argparse's message: "invalid time value: 'x'"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
@@ -329,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=_positive(float), default=argparse.SUPPRESS,
                         help="seconds to wait for each answer [no limit]")
     common.add_argument("--retries", type=int, default=argparse.SUPPRESS,
-                        help="retries of a 503 overloaded / 429 answer [3]")
+                        help="retries of a failed connect, a 503 overloaded / 429 answer, a broken event stream [3]")
     epilog = "exit codes:\n" + "\n".join(f"  {code:<3} {text}" for code, text in EXIT_CODES.items())
     parser = _Parser(prog="procbridge", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Call a procbridge server from the shell (and run one: serve, loadtest).",
@@ -353,17 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task")
     p.add_argument("args", nargs="*", default=[], metavar="ARG", help="key=value, key=@FILE")
     p.add_argument("--idempotency-key", help="the same key returns the same job")
-    p.add_argument("--priority", type=int, help="higher runs first")
-    p.add_argument("--delay", type=float, help="seconds before it may start")
+    p.add_argument("--priority", type=int, help="higher runs first [0]")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, help="seconds before it may start")
+    when.add_argument("--run-at", type=epoch_seconds, metavar="TIME",
+                      help="when it may start: epoch seconds, or ISO 8601 (2030-01-31T02:00:00Z)")
+    p.add_argument("--task-retries", type=int, metavar="N",
+                   help="runs of a failed attempt again [the task's retries] (--retries is the client's)")
+    p.add_argument("--webhook", metavar="URL", help="POSTed the job document when it ends")
     p.add_argument("--task-timeout", type=_positive(float), help="seconds the task may run")
     p = add("job", cmd_job, "print a job; --follow: its events until it ends (a progress bar on a terminal)")
     p.add_argument("id")
     p.add_argument("-f", "--follow", action="store_true")
     p = add("cancel", cmd_cancel, "cancel a job, print it")
     p.add_argument("id")
-    p = add("jobs", cmd_jobs, "list jobs, newest first")
+    p = add("jobs", cmd_jobs, "list jobs, newest first (one page; --all: every page)")
     p.add_argument("--status", choices=["queued", "running", *FINAL])
-    p.add_argument("--limit", type=_positive(int))
+    p.add_argument("--task", help="only this task's jobs")
+    p.add_argument("--limit", type=_positive(int), help="at most N jobs [100]; with --all, N per request")
+    p.add_argument("--all", action="store_true", help="every job, following the listing page by page")
     add("tasks", cmd_tasks, "list the tasks served, with their parameters' JSON Schema")
     add("workers", cmd_workers, "the worker pool")
     for name, text in (("serve", "run the HTTP service (procbridge serve --help)"),

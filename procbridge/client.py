@@ -1,5 +1,6 @@
 """The synchronous client: `Client` and its `Job`. See docs/client.md; procbridge/aio.py is the same
-API for asyncio, and procbridge/_core.py holds everything the two share."""
+API for asyncio, and procbridge/_core.py and procbridge/_events.py hold everything the two share (the
+resumed job event stream is procbridge/_sync_events.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from procbridge import _core
-from procbridge._core import END, FINAL_STATUSES, Backoff, Event, Request, Settings
+from procbridge._core import END, FINAL_STATUSES, Backoff, Request, Settings
+from procbridge._events import Event
+from procbridge._sync_events import EventStream
 from procbridge.errors import ProblemError, ProtocolError, Timeout
 
 T = TypeVar("T")
@@ -98,8 +101,9 @@ class Client:
         response, body = self._request(req, headers, retries=retries)
         return _core.parse_json(body, f"the answer to {req.method} {req.path}", response.status_code)
 
-    def _lines(self, req: Request, *, timeout: httpx.Timeout | None = None) -> _Lines:
-        return _Lines(self, req, self._open(req, timeout=timeout))
+    def _lines(self, req: Request, headers: Mapping[str, str] | None = None, *, retries: int | None = None,
+               timeout: httpx.Timeout | None = None) -> _Lines:
+        return _Lines(self, req, self._open(req, headers, retries=retries, timeout=timeout))
 
     # -- tasks ------------------------------------------------------------------------------------
 
@@ -184,16 +188,21 @@ class Client:
     # -- jobs -------------------------------------------------------------------------------------
 
     def submit(self, task: str, args: Mapping[str, Any] | None = None, /, *, idempotency_key: str | None = None,
-               priority: int | None = None, delay: float | None = None, timeout: float | None = None,
+               priority: int | None = None, delay: float | None = None, run_at: float | None = None,
+               retries: int | None = None, webhook: str | None = None, timeout: float | None = None,
                **kwargs: Any) -> Job:
         """Store a job running `task`; returns its `Job` once the service has stored it (202).
 
         The task's arguments are the keywords, and/or the mapping `args` (positional): pass an argument
         whose name is one of this method's keywords there, e.g. `submit("t", {"timeout": 5})`.
-        `timeout`: the job's task timeout (seconds). `priority` and `delay` are sent only when given
-        (the service takes them once the jobs issue lands; until then it answers 422)."""
+        Options of the job, each sent only when given (else the service's default holds):
+        `idempotency_key` (the same key returns the same job), `priority` (an integer, higher runs
+        first; 0), `delay` (seconds from now) or `run_at` (epoch seconds), not both (at once),
+        `retries` (how often a failed attempt runs again; the task's `retries`), `webhook` (an http(s)
+        URL the service POSTs the final job document to; hosts allowed by the service's
+        `--webhook-allow` only), `timeout` (the task timeout of each attempt, seconds)."""
         req, headers = _core.submit_request(task, _core.merge_args(args, kwargs), idempotency_key, priority,
-                                            delay, timeout)
+                                            delay, timeout, run_at=run_at, retries=retries, webhook=webhook)
         doc = self._json(req, headers)
         return Job(self, str(_field(doc, "id", str)), doc)
 
@@ -201,11 +210,24 @@ class Client:
         """The job with this id (nothing is asked of the service until a method is called)."""
         return Job(self, job_id)
 
-    def jobs(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Stored jobs, newest first, as documents; `status` filters, `limit` caps (the service's default 100)."""
-        params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
-        doc = self._json(Request("GET", "/v1/jobs", params=params or None))
-        return list(_field(doc, "jobs", list))
+    def jobs(self, status: str | None = None, limit: int | None = None,
+             task: str | None = None) -> list[dict[str, Any]]:
+        """One page of stored jobs, newest first, as documents: `status` and `task` filter, `limit`
+        caps (the service's default 100, at most 1000). `iter_jobs` goes through every page."""
+        doc = self._json(_core.jobs_request(status, limit, task))
+        return _core.jobs_page(doc)[0]
+
+    def iter_jobs(self, status: str | None = None, task: str | None = None,
+                  page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every stored job (filtered by `status` and `task`), newest first, one request per `page_size`
+        jobs as the iteration reaches them (following the listing's `next` cursor): each job once,
+        jobs submitted meanwhile (newer than the first page) not at all."""
+        cursor: str | None = None
+        while True:
+            page, cursor = _core.jobs_page(self._json(_core.jobs_request(status, page_size, task, cursor)))
+            yield from page
+            if cursor is None:
+                return
 
 
 class Job(_core.JobHandle):
@@ -231,21 +253,22 @@ class Job(_core.JobHandle):
         self._doc = doc
         return dict(doc)
 
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """The job's events as they happen (read incrementally): `progress`, `status` and `item`, then
-        the final `result` or `error` event; then the iterator ends. `timeout`: the longest wait for
-        the next event (then `procbridge.Timeout`); None waits as long as the job runs."""
-        return self._event_stream(timeout)
-
-    def _event_stream(self, timeout: float | None) -> _Items[Event]:
-        req = Request("GET", _core.job_path(self.id) + "/events", accept="text/event-stream")
-        lines = self._client._lines(req, timeout=httpx.Timeout(timeout, connect=_core.CONNECT_TIMEOUT))
-        return _Items(lines, _events())
+    def events(self, timeout: float | None = None, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's events as they happen (read incrementally): `status` (`running`; `queued` again,
+        with `attempt`, `retry_at` and `error`, when a failed attempt will be retried), `progress` and
+        `item`, then the final `result` or `error` event; then the iterator ends. Each `Event` has its
+        `id`. A connection that breaks is opened again with `Last-Event-ID`, so every event comes once
+        (`procbridge._events.StreamResume`: up to the client's `retries` failed reopenings in a row, then
+        ServiceUnreachable). `last_event_id`: go on after that event (the `id` of the last event a
+        stream read earlier, in this process or another). `timeout`: the longest wait for the next
+        event (then `procbridge.Timeout`); None waits as long as the job runs. The request is sent
+        now; close the iterator (or leave a `with` block on it) to stop early."""
+        return EventStream(self._client, self.id, timeout, last_event_id)
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait for the job to end (on its event stream) and return its result: JSON data, or bytes for
-        a binary result. A failed job raises its error (TaskFailed, TaskTimeout, ...), a cancelled one
-        JobCancelled; `timeout` seconds without an end raise `procbridge.Timeout`."""
+        """Wait for the job to end (on its event stream, resumed as `events` does) and return its result:
+        JSON data, or bytes for a binary result. A failed job raises its error (TaskFailed, TaskTimeout,
+        ...), a cancelled one JobCancelled; `timeout` seconds without an end raise `procbridge.Timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             doc = self._doc if self._doc and self._doc.get("status") in FINAL_STATUSES else None
@@ -255,9 +278,9 @@ class Job(_core.JobHandle):
                 return self._outcome(doc)
 
     def _wait(self, deadline: float | None) -> dict[str, Any] | None:
-        left = _core.remaining(deadline)
+        """The final job (as its last event shows it), or None after a stream that ended early."""
         try:
-            with self._event_stream(left) as events:
+            with EventStream(self._client, self.id, None, None, deadline) as events:
                 for event in events:
                     if event.type == "result":
                         return {"status": "succeeded", **(event.data if isinstance(event.data, dict) else {})}
@@ -267,7 +290,8 @@ class Job(_core.JobHandle):
                         raise Timeout(f"job {self.id} did not end within the timeout")
         except Timeout:
             raise Timeout(f"job {self.id} did not end within the timeout") from None
-        # The stream ended without a final event (the service restarted?): ask for the document.
+        # The stream ended without its final event, and could not be resumed (a service that sends no
+        # event ids): the document says whether the job ended; if not, wait on a new stream.
         doc = self.info()
         if doc.get("status") in FINAL_STATUSES:
             return doc
@@ -360,19 +384,6 @@ def _stream_items() -> Any:
             yield item
         # an answer without its end line: the connection broke (or the service was stopped)
         raise _core.ServiceUnreachable("the stream ended without its end line")
-
-    return parse
-
-
-def _events() -> Any:
-    def parse(lines: Iterable[str]) -> Iterator[Event]:
-        parser = _core.SSEParser()
-        for line in lines:
-            event = parser.feed(line)
-            if event is not None:
-                yield event
-                if event.type in ("result", "error"):
-                    return
 
     return parse
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import procbridge
-from procbridge import AsyncClient, Event
+from procbridge import AsyncClient
 from tests.conftest import ServerProcess, free_port, wait_until
 
 
@@ -90,7 +90,7 @@ async def test_jobs_result_events_cancel(pb: AsyncClient, gate: Path, tmp_path: 
     held = await pb.submit("mark_then_wait", {"path": str(marker), "release": str(gate)})
     events = held.events()
     async for event in events:
-        if event == Event("status", {"status": "running"}):
+        if event.type == "status" and event.data["status"] == "running":
             break
     await wait_until(marker.exists, 10, what="the job to start")
     with pytest.raises(procbridge.Timeout):

@@ -3,6 +3,7 @@ subprocess): each subcommand, the exit code of each kind of failure, and never a
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -186,6 +187,23 @@ def test_jobs_lists_jobs_filtered_by_status_and_limited(cli_server: ServerProces
     assert all(job["status"] == "succeeded" for job in listed)
 
 
+def test_submit_takes_the_job_options_and_jobs_follows_every_page(cli_server: ServerProcess) -> None:
+    at = int(time.time()) + 7200
+    first = procbridge("submit", "echo", "value=1", "--delay", "3600", "--priority", "5", "--task-retries", "2",
+                       url=cli_server.url)
+    second = procbridge("submit", "echo", "value=2", "--run-at", str(at), url=cli_server.url)
+    iso = datetime.datetime.fromtimestamp(at + 60, datetime.UTC).isoformat()  # 2026-...T...+00:00
+    third = procbridge("submit", "echo", "value=3", "--run-at", iso, url=cli_server.url)
+    ids = [done.stdout.decode().strip() for done in (third, second, first)]
+    listed = out_json(procbridge("jobs", "--task", "echo", "--all", "--limit", "1", url=cli_server.url))
+    assert isinstance(listed, list) and [job["id"] for job in listed] == ids  # three pages of one, newest first
+    assert [job["run_at"] for job in listed[:2]] == [at + 60, at] and listed[2]["status"] == "queued"
+    assert (listed[2]["priority"], listed[2]["retries"]) == (5, 2)
+    assert listed[2]["run_at"] == pytest.approx(listed[2]["created_at"] + 3600)
+    one_page = out_json(procbridge("jobs", "--task", "echo", "--limit", "2", url=cli_server.url))
+    assert isinstance(one_page, list) and [job["id"] for job in one_page] == ids[:2]
+
+
 def test_tasks_lists_the_served_tasks_with_their_schemas(cli_server: ServerProcess) -> None:
     tasks = out_json(procbridge("tasks", url=cli_server.url))
     assert isinstance(tasks, list)
@@ -246,6 +264,8 @@ def test_a_job_that_timed_out_exits_1_when_followed(cli_server: ServerProcess) -
     (("frobnicate",), "invalid choice"),
     ((), "a command is needed"),
     (("jobs", "--limit", "-3"), "--limit"),
+    (("submit", "echo", "--delay", "5", "--run-at", "5"), "not allowed with argument --delay"),
+    (("submit", "echo", "--run-at", "tomorrow"), "invalid time value"),
 ])
 def test_a_request_that_is_wrong_exits_2_with_a_message_and_no_traceback(cli_server: ServerProcess,
                                                                        args: tuple[str, ...], says: str) -> None:
