@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from service.jobs.options import MAX_DELAY, MAX_RETRIES
 from service.query_args import is_json_text
 from service.stream_handler import stream_answer
 from service.validation import TaskCatalog, TaskEntry
@@ -287,8 +288,20 @@ def _job_paths() -> dict[str, Any]:
                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["task"], "additionalProperties": False,
-                    "properties": {"task": {"type": "string"}, "args": {"type": "object"},
-                                   "timeout": {"type": "number", "exclusiveMinimum": 0}},
+                    "properties": {
+                        "task": {"type": "string"}, "args": {"type": "object"},
+                        "timeout": {"type": "number", "exclusiveMinimum": 0},
+                        "priority": {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1, "default": 0,
+                                     "description": "higher runs first; equal priorities in arrival order"},
+                        "delay": {"type": "number", "minimum": 0, "maximum": MAX_DELAY,
+                                  "description": "seconds before it may start (not with run_at)"},
+                        "run_at": {"type": "number", "minimum": 0,
+                                   "description": "Unix seconds before which it does not start (not with delay)"},
+                        "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES,
+                                    "description": "failed attempts run again (default: the task's)"},
+                        "webhook": {"type": "string", "format": "uri",
+                                    "description": "POSTed the job when it ends; host allowed by --webhook-allow"},
+                    },
                 }}}},
                 "responses": {
                     "202": {"description": "the job, stored", "headers": {"Location": {"schema": {"type": "string"}}},
@@ -307,9 +320,13 @@ def _job_paths() -> dict[str, Any]:
                      "schema": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
                     {"name": "limit", "in": "query", "required": False,
                      "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    {"name": "task", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                     "description": "the `next` of the previous page"},
                 ],
-                "responses": {"200": _json({"type": "object", "required": ["jobs"],
-                                            "properties": {"jobs": {"type": "array", "items": _JOB}}}, "jobs"),
+                "responses": {"200": _json({"type": "object", "required": ["jobs", "next"],
+                                            "properties": {"jobs": {"type": "array", "items": _JOB},
+                                                           "next": {"type": ["string", "null"]}}}, "jobs"),
                               "401": _problem("unauthorized"), "422": _problem("invalid-arguments")},
             },
         },
@@ -332,11 +349,15 @@ def _job_paths() -> dict[str, Any]:
                 "409": _problem("job-not-finished or job-failed")},
         }},
         "/v1/jobs/{id}/events": {"get": {
-            "summary": "Server-sent events: progress and status, then one result or error",
-            "operationId": "job_events", "tags": ["jobs"], "parameters": [_JOB_ID],
+            "summary": "Server-sent events, each with an id: status, progress and item events, then the final "
+                       "status (id end-1) and one result or error (id end-2)",
+            "operationId": "job_events", "tags": ["jobs"],
+            "parameters": [_JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
+                                     "schema": {"type": "string"},
+                                     "description": "resume after this event: no repeat, no gap"}],
             "responses": {"200": {"description": "text/event-stream",
                                   "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                          "401": _problem("unauthorized"), "404": unknown},
+                          "401": _problem("unauthorized"), "404": unknown, "422": _problem("invalid-arguments")},
         }},
     }
 
@@ -369,7 +390,8 @@ def _hoist_defs(task: str, schema: dict[str, Any], components: dict[str, Any]) -
 _SCHEMAS: dict[str, Any] = {
     "Job": {
         "type": "object",
-        "required": ["id", "task", "status", "created_at", "started_at", "finished_at", "progress"],
+        "required": ["id", "task", "status", "created_at", "started_at", "finished_at", "progress", "priority",
+                     "run_at", "attempts", "retries"],
         "properties": {
             "id": {"type": "string"},
             "task": {"type": "string"},
@@ -384,6 +406,15 @@ _SCHEMAS: dict[str, Any] = {
             "result_url": {"type": "string"},
             "result_size": {"type": "integer"},
             "error": {"$ref": "#/components/schemas/Problem"},
+            "priority": {"type": "integer"},
+            "run_at": {"type": "number", "description": "not started before this time (a delay, or a retry's)"},
+            "attempts": {"type": "integer", "description": "attempts the task made"},
+            "retries": {"type": "integer"},
+            "last_error": {"$ref": "#/components/schemas/Problem"},
+            "webhook": {"type": "string"},
+            "webhook_delivery": {"type": "object", "properties": {
+                "state": {"enum": [None, "pending", "delivered", "failed"]},
+                "attempts": {"type": "integer"}, "error": {"type": ["string", "null"]}}},
         },
     },
     "MapLine": {

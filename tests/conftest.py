@@ -20,10 +20,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -301,3 +304,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.ensure_newline()
             reporter.write_line(f"leaked shared-memory segments in /dev/shm: {', '.join(left)}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, once for the session: give each test its own key
+    prefix (`redis_server.url("prefix:")`). Skips without redis-server."""
+    from tests.support.redis_server import RedisServer, need_redis_server  # it imports this module
+
+    need_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -168,8 +168,9 @@ class JobRunner:
                 self.running[job.id] = asyncio.ensure_future(self._run(job))
                 self.running[job.id].add_done_callback(functools.partial(self._done, job.id))
             self._wake.clear()
+            sleep = await self._sleep_for()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), await self._sleep_for())
+                await asyncio.wait_for(self._wake.wait(), sleep)
 
     async def _sleep_for(self) -> float:
         """Until the earliest queued job is due (one timer for every delayed job), at most a poll period

@@ -1,5 +1,5 @@
 """The real server with `--executor dask://127.0.0.1:PORT` against a `dask scheduler` and a
-`dask worker` started as separate processes: calls, bytes, a job with progress, timeouts,
+`dask worker` started as separate processes: calls, bytes, a job with progress, a job retried, timeouts,
 /v1/workers listing the Dask workers, /readyz following the scheduler, and a clean SIGTERM."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.conftest import ServerProcess, http, post_json, wait_for
 from tests.e2e.test_jobs import sse_events, submit, wait_final
 from tests.support.dask_cluster import DaskProcesses, running_cluster
 
-TASKS = "tests.support.dask_tasks"
+TASKS = "tests.support.dask_tasks,tests.support.job_tasks"
 
 
 @pytest.fixture
@@ -28,7 +28,9 @@ def dask(tmp_path: Path) -> Iterator[DaskProcesses]:
         yield procs
 
 
-def test_server_on_a_dask_cluster(dask: DaskProcesses, server_factory: Callable[..., ServerProcess]) -> None:
+def test_server_on_a_dask_cluster(
+    dask: DaskProcesses, server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     server = server_factory("--executor", dask.url, "--tasks", TASKS)  # returns once /readyz says 200
     ready = http("GET", server.url + "/readyz").json()
     assert ready["status"] == "ready" and ready["workers_alive"] == 1
@@ -64,6 +66,15 @@ def test_server_on_a_dask_cluster(dask: DaskProcesses, server_factory: Callable[
     final = wait_final(server.url, created["id"])
     assert final["status"] == "succeeded" and final["result"] == 8
     assert final["progress"] == {"done": 8.0, "total": 8.0, "message": "step 8"}
+
+    # a job with retries: its failed attempt runs again on the cluster, and counts
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    created = submit(server.url, "jt_flaky", {"folder": str(flaky), "fail_first": 1}, retries=1).json()
+    final = wait_final(server.url, created["id"])
+    assert final["status"] == "succeeded" and final["attempts"] == 2 and final["result"]["attempt"] == 2
+    assert final["last_error"]["type"] == "/problems/task-failed"
+    assert len((flaky / "attempts").read_text().split()) == 2
 
     # /v1/workers lists the Dask workers
     listing = http("GET", server.url + "/v1/workers").json()

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ from tests.support.redis_server import RedisServer, need_redis_server
 FAULTS = "tests.support.fault_tasks"
 
 
-def submit(url: str, task: str, args: dict[str, Any], key: str | None = None, timeout: float | None = None) -> Any:
-    body: dict[str, Any] = {"task": task, "args": args}
+def submit(
+    url: str, task: str, args: dict[str, Any], key: str | None = None, timeout: float | None = None, **options: Any
+) -> Any:
+    """POST /v1/jobs; `options` are the job's other fields (priority, delay, run_at, retries, webhook)."""
+    body: dict[str, Any] = {"task": task, "args": args, **options}
     if timeout is not None:
         body["timeout"] = timeout
     headers = {"Content-Type": "application/json"}
@@ -52,8 +55,9 @@ def sse_events(url: str, path: str, timeout: float = 30.0) -> Iterator[tuple[str
 
 def sse_stream(
     url: str, path: str, *, last_event_id: str | None = None, timeout: float = 30.0
-) -> Iterator[tuple[str | None, str, Any]]:
-    """(id, event, data) of each event of a stream, sending `Last-Event-ID` when given."""
+) -> Generator[tuple[str | None, str, Any], None, None]:
+    """(id, event, data) of each event of a stream, sending `Last-Event-ID` when given; closing it
+    (or leaving a `with contextlib.closing(...)` block) cuts the connection."""
     host, port = url.removeprefix("http://").split(":")
     conn = httpclient.HTTPConnection(host, int(port), timeout=timeout)
     headers = {"Accept": "text/event-stream"}

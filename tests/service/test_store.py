@@ -1,6 +1,7 @@
 """One suite for every JobStore implementation (service/jobs/store/base.py), run against SQLite (a file in a
 tmp dir) and Redis (a real redis-server on a free loopback port, started once for the session; each test
-gets its own key prefix)."""
+gets its own key prefix). The store fixtures live in tests/service/conftest.py; test_store_further.py
+covers the semantics of issue 19 (priorities, delays, retries, webhooks, event logs, paged listing)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,77 +26,23 @@ from service.jobs.store.base import JobStore
 from service.jobs.store.redis import RedisJobStore
 from service.jobs.store.sqlite import SQLiteJobStore
 from tests.conftest import ROOT
-from tests.support.redis_server import RedisServer, need_redis_server
+from tests.service.conftest import Stores
+from tests.support.redis_server import RedisServer
 
 ERROR = {"type": "/problems/job-cancelled", "title": "cancelled", "status": 409, "detail": "cancelled"}
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    need_redis_server()
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own, for tests that kill it."""
-    need_redis_server()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-# -- stores -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where this test's jobs live: every store opened on it shares them."""
-    if request.param == "sqlite":
-        return str(tmp_path / "jobs.db")
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url(f"test-{uuid.uuid4().hex[:12]}:")
-
-
-@dataclass
-class Stores:
-    url: str
-    opened: list[JobStore] = field(default_factory=list)
-
-    async def open(self) -> JobStore:
-        store = open_store(self.url)
-        await store.open()
-        self.opened.append(store)
-        return store
-
-
-@pytest.fixture
-async def stores(store_url: str) -> AsyncIterator[Stores]:
-    stores = Stores(store_url)
-    yield stores
-    for store in stores.opened:
-        await store.close()
-
-
-@pytest.fixture
-async def store(stores: Stores) -> JobStore:
-    return await stores.open()
 
 
 def make_job(created_at: float | None = None, key: str | None = None, **args: Any) -> Job:
     job = Job(id=new_job_id(), task="primes", args=args or {"limit": 100}, idempotency_key=key)
     if created_at is not None:
         job.created_at = created_at
+    job.run_at = job.created_at  # as stored (a store fills in run_at = created_at), so jobs compare equal
     return job
 
 
 async def make_jobs(store: JobStore, n: int) -> list[Job]:
-    """n queued jobs, in arrival order (created_at strictly increasing)."""
-    base = time.time()
+    """n queued jobs, in arrival order (created_at strictly increasing, all past: due at once)."""
+    base = time.time() - 1 - n / 1000
     jobs = [make_job(created_at=base + i / 1000, index=i) for i in range(n)]
     for job in jobs:
         await store.create(job)
@@ -169,7 +113,7 @@ async def test_list_newest_first_by_status_with_limit(store: JobStore) -> None:
 
 
 async def test_claim_takes_jobs_in_arrival_order(store: JobStore) -> None:
-    base = time.time()
+    base = time.time() - 10  # past: run_at = created_at, so every job is due
     jobs = [make_job(created_at=base + i / 1000, index=i) for i in range(6)]
     tied = sorted([make_job(created_at=base + 1, tie=1), make_job(created_at=base + 1, tie=2)], key=lambda j: j.id)
     expected = [job.id for job in jobs + tied]
@@ -289,13 +233,14 @@ async def test_renew_and_recover_expired_leases(store: JobStore) -> None:
     assert await store.recover() == 1
     job = await store.get(expired.id)
     assert job is not None and job.status == QUEUED and job.owner is None and job.lease_until is None
-    assert job.progress is None and job.attempts == 1
+    assert job.progress is None and job.attempts == 0  # the interrupted attempt does not count
     assert (await store.get(alive.id)).status == RUNNING  # type: ignore[union-attr]
     assert (await store.get(renewed.id)).lease_until > time.time() + 30  # type: ignore[operator,union-attr]
     assert await store.recover() == 0
 
     again = await store.claim("d", 60)
-    assert again is not None and again.id == expired.id and again.attempts == 2 and again.owner == "d"
+    assert again is not None and again.id == expired.id and again.attempts == 1 and again.owner == "d"
+    assert again.runs == 2
     assert await store.finish(again.id, SUCCEEDED, result=1)
     assert await store.recover() == 0  # a finished job is never requeued
 
@@ -311,7 +256,8 @@ async def test_recover_with_owner_gone_requeues_every_running_job(store: JobStor
     assert await store.recover(owner_gone=True) == 0
     order = [await store.claim("c", 60) for _ in range(3)]
     assert [job.id for job in order if job] == [job.id for job in jobs]
-    assert [job.attempts for job in order if job] == [2, 2, 1]
+    assert [job.attempts for job in order if job] == [1, 1, 1]
+    assert [job.runs for job in order if job] == [2, 2, 1]
 
 
 async def test_expire_deletes_only_old_final_jobs(store: JobStore) -> None:
@@ -512,8 +458,8 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     prefixed = open_store("redis://h:1/0?prefix=pb:&socket_timeout=5")
     assert isinstance(prefixed, RedisJobStore)
     assert prefixed.prefix == "pb:" and prefixed.url == "redis://h:1/0?socket_timeout=5"
-    url = parse_store("unix:///tmp/r.sock?prefix=x:")
-    assert (url.location, url.prefix) == ("unix:///tmp/r.sock", "x:")
+    parsed = parse_store("unix:///tmp/r.sock?prefix=x:")
+    assert (parsed.location, parsed.prefix) == ("unix:///tmp/r.sock", "x:")
     for bad in ("", "postgres://db/jobs"):
         with pytest.raises(ValueError):
             open_store(bad)

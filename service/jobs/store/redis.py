@@ -3,20 +3,38 @@
 Key layout, every key under a configurable prefix P (default `procbridge:`):
 
 - `P job:{id}`        hash, one field per `Job` field that is not None: strings as they are, floats as
-                      `repr(float)`, attempts as an integer, args/progress/result/error as JSON, result_bytes raw;
+                      `repr(float)`, integers in decimal, args/progress/result/error/last_error as JSON,
+                      result_bytes raw;
 - `P idem:{key}`      string, the id of the job first created with that Idempotency-Key;
 - `P index`           sorted set of every job id by created_at (listing newest first);
-- `P status:{status}` sorted set of the ids in each status by created_at: `status:queued` is the queue
-                      (claimed from the lowest score: arrival order; ties by id, as in SQLite), the others serve
-                      listing by status and `counts`;
+- `P status:{status}` sorted set of the ids in each status by created_at (listing by status, `counts`);
+- `P task:{name}`     sorted set of the ids of each task by created_at (listing by task);
+- `P ready`           sorted set of the queued jobs that are due, the claim queue: score -priority (exact for
+                      any 32-bit priority), member the 16 hex digits of created_at (the big-endian bytes of
+                      the double: they sort as the times do) followed by the id, so equal priorities go in
+                      arrival order, then by id;
+- `P delayed`         sorted set of queued ids by run_at, for jobs not due yet when queued; `claim` first moves
+                      those that have come due into `ready`;
 - `P leases`          sorted set of running ids by lease_until (recovery of jobs whose runner is gone);
-- `P finished`        sorted set of final ids by finished_at (expiry).
+- `P finished`        sorted set of final ids by finished_at (expiry);
+- `P webhooks`        sorted set of the ids whose webhook is pending, by webhook_next_at (delivery, leases);
+- `P events:{id}`     stream, the job's event log: entry id `run-seq` (the `EventId`, ordered alike), fields
+                      `e` (the event) and `d` (its JSON data). Deleted with the job;
+- `P layout`          string, "2": the layout above (written at `open`, after bringing older data up to it).
 
-Atomicity: every operation that reads and then writes (create with its idempotency key, claim, renew,
-progress, finish/cancel, recover, expire) is one Lua script, which Redis runs atomically, so replicas sharing
-the store never claim the same job, a job reaches one final state (first writer wins), and an idempotency key
-maps to one job. Listing is a script too, for a consistent snapshot. The scripts build job keys from ids, so
-this store is for a standalone Redis (or a primary with replicas), not Redis Cluster.
+Atomicity: every operation that reads and then writes (create with its idempotency key, claim, retry, renew,
+progress, finish/cancel, recover, expire, appending events, claiming webhooks and recording their attempts) is
+one Lua script (service/jobs/store/redis_scripts.py), which Redis runs atomically, so replicas sharing the store
+never claim the same job (nor the same webhook delivery within its lease), a job reaches one final state
+(first writer wins), and an idempotency key maps to one job. Listing runs a script per chunk of the walked set
+(at most `_LIST_SCAN` entries, so one call never blocks Redis for long) and continues from a (score, id)
+cursor, exactly like `before`: jobs added between chunks sort before it and are not listed. The scripts build
+keys from ids, so this store is for a standalone Redis (or a primary with replicas), not Redis Cluster.
+
+Two approximations: `next_run_at` answers "now" (or the earliest overdue run_at of `delayed`, if earlier)
+while `ready` holds a job, as it keeps no run_at order of due jobs, only that one is due; `append_events`
+skips an event whose id is not above the log's last one (a stream's ids only grow), so replaying an append
+after a crash is harmless, and the id 0-0, which a stream refuses, is never logged.
 
 Durability is the server's: `create` returns once Redis has applied the script; that survives a crash of Redis
 itself only with `appendonly yes` and `appendfsync always` (`open` logs a warning when appendonly is off).
@@ -35,7 +53,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from service.jobs.model import CANCELLED, FINAL, QUEUED, STATUSES, Job
+from service.jobs.model import CANCELLED, FAILED, FINAL, QUEUED, STATUSES, EventId, Job, LoggedEvent
+from service.jobs.store import redis_scripts as scripts
 from service.jobs.store.base import JobStore, StoreUnavailable, dumps_json, loads_json
 from service.jobs.store.url import DEFAULT_REDIS_PREFIX, public_url
 
@@ -44,157 +63,28 @@ log = logging.getLogger("procbridge.jobs")
 CONNECT_TIMEOUT = 10.0  # seconds to connect to Redis
 
 
-_STR_FIELDS = frozenset({"id", "task", "status", "idempotency_key", "owner"})
-_FLOAT_FIELDS = frozenset({"timeout", "created_at", "started_at", "finished_at", "lease_until"})
-_INT_FIELDS = frozenset({"attempts"})
-_JSON_FIELDS = frozenset({"args", "progress", "result", "error"})
+_STR_FIELDS = frozenset(
+    {"id", "task", "status", "idempotency_key", "owner", "webhook", "webhook_state", "webhook_error"}
+)
+_FLOAT_FIELDS = frozenset(
+    {"timeout", "created_at", "started_at", "finished_at", "lease_until", "run_at", "webhook_next_at"}
+)
+_INT_FIELDS = frozenset({"attempts", "priority", "retries", "runs", "webhook_attempts"})
+_JSON_FIELDS = frozenset({"args", "progress", "result", "error", "last_error"})
 _BYTES_FIELDS = frozenset({"result_bytes"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Job))
 assert _FIELDS == _STR_FIELDS | _FLOAT_FIELDS | _INT_FIELDS | _JSON_FIELDS | _BYTES_FIELDS
 _EXPIRE_BATCH = 500
-
-# ARGV[1] is always the prefix. Missing hash fields read as false in Lua.
-_CREATE = """
-local p, id, created = ARGV[1], ARGV[2], ARGV[4]
-local keyed, idem = string.sub(ARGV[3], 1, 1) == '1', string.sub(ARGV[3], 2)
-local jk = p .. 'job:' .. id
-if keyed then
-  local first = redis.call('GET', p .. 'idem:' .. idem)
-  if first then
-    local existing = redis.call('HGETALL', p .. 'job:' .. first)
-    if #existing > 0 then return {0, existing} end
-  end
-end
-if redis.call('EXISTS', jk) == 1 then return redis.error_reply('job ' .. id .. ' exists already') end
-if keyed then redis.call('SET', p .. 'idem:' .. idem, id) end
-redis.call('HSET', jk, unpack(ARGV, 5))
-redis.call('ZADD', p .. 'index', created, id)
-redis.call('ZADD', p .. 'status:queued', created, id)
-return {1}
-"""
-
-_CLAIM = """
-local p, owner, lease, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local queue = p .. 'status:queued'
-while true do
-  local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
-  if #head == 0 then return false end
-  local id, created = head[1], head[2]
-  redis.call('ZREM', queue, id)
-  local jk = p .. 'job:' .. id
-  if redis.call('HGET', jk, 'status') == 'queued' then
-    redis.call('HSET', jk, 'status', 'running', 'owner', owner, 'lease_until', lease, 'started_at', now)
-    redis.call('HINCRBY', jk, 'attempts', 1)
-    redis.call('ZADD', p .. 'status:running', created, id)
-    redis.call('ZADD', p .. 'leases', lease, id)
-    return redis.call('HGETALL', jk)
-  end
-end
-"""
-
-_RENEW = """
-local p, owner, lease = ARGV[1], ARGV[2], ARGV[3]
-local n = 0
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  local jk = p .. 'job:' .. id
-  local v = redis.call('HMGET', jk, 'status', 'owner')
-  if v[1] == 'running' and v[2] == owner then
-    redis.call('HSET', jk, 'lease_until', lease)
-    redis.call('ZADD', p .. 'leases', lease, id)
-    n = n + 1
-  end
-end
-return n
-"""
-
-_PROGRESS = """
-local jk = ARGV[1] .. 'job:' .. ARGV[2]
-if redis.call('HGET', jk, 'status') == 'running' then
-  redis.call('HSET', jk, 'progress', ARGV[3])
-  return 1
-end
-return 0
-"""
-
-# ARGV: prefix, id, final status, finished_at, '1' to return the job, then field/value pairs to set.
-_FINISH = """
-local p, id, status, fin = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local jk = p .. 'job:' .. id
-local current = redis.call('HGET', jk, 'status')
-if not current then return false end
-local changed = 0
-if current == 'queued' or current == 'running' then
-  local created = redis.call('HGET', jk, 'created_at')
-  redis.call('ZREM', p .. 'status:' .. current, id)
-  redis.call('ZREM', p .. 'leases', id)
-  redis.call('HDEL', jk, 'lease_until')
-  redis.call('HSET', jk, 'status', status, 'finished_at', fin)
-  if #ARGV >= 6 then redis.call('HSET', jk, unpack(ARGV, 6)) end
-  redis.call('ZADD', p .. 'status:' .. status, created, id)
-  redis.call('ZADD', p .. 'finished', fin, id)
-  changed = 1
-end
-if ARGV[5] == '1' then return {changed, redis.call('HGETALL', jk)} end
-return {changed}
-"""
-
-_RECOVER = """
-local p, now, all = ARGV[1], ARGV[2], ARGV[3]
-local ids
-if all == '1' then
-  ids = redis.call('ZRANGE', p .. 'status:running', 0, -1)
-else
-  ids = redis.call('ZRANGEBYSCORE', p .. 'leases', '-inf', '(' .. now)
-end
-local n = 0
-for _, id in ipairs(ids) do
-  local jk = p .. 'job:' .. id
-  if redis.call('HGET', jk, 'status') == 'running' then
-    local created = redis.call('HGET', jk, 'created_at')
-    redis.call('HSET', jk, 'status', 'queued')
-    redis.call('HDEL', jk, 'owner', 'lease_until', 'progress')
-    redis.call('ZREM', p .. 'status:running', id)
-    redis.call('ZADD', p .. 'status:queued', created, id)
-    n = n + 1
-  end
-  redis.call('ZREM', p .. 'leases', id)
-end
-return n
-"""
-
-_EXPIRE = """
-local p, before, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ids = redis.call('ZRANGEBYSCORE', p .. 'finished', '-inf', '(' .. before, 'LIMIT', 0, batch)
-local n = 0
-for _, id in ipairs(ids) do
-  local jk = p .. 'job:' .. id
-  local v = redis.call('HMGET', jk, 'status', 'idempotency_key')
-  if v[1] == 'succeeded' or v[1] == 'failed' or v[1] == 'cancelled' then
-    if v[2] then
-      local ik = p .. 'idem:' .. v[2]
-      if redis.call('GET', ik) == id then redis.call('DEL', ik) end
-    end
-    redis.call('DEL', jk)
-    redis.call('ZREM', p .. 'status:' .. v[1], id)
-    redis.call('ZREM', p .. 'index', id)
-    n = n + 1
-  end
-  redis.call('ZREM', p .. 'finished', id)
-end
-return {n, #ids}
-"""
-
-_LIST = """
-local p, key, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ids = redis.call('ZREVRANGE', p .. key, 0, limit - 1)
-local out = {}
-for _, id in ipairs(ids) do
-  local h = redis.call('HGETALL', p .. 'job:' .. id)
-  if #h > 0 then out[#out + 1] = h end
-end
-return out
-"""
+_LIST_SCAN = 1000  # set entries one list script looks at (a script blocks Redis while it runs)
+_MIGRATE_BATCH = 1000
+_STREAM_ID_MAX = 2**64 - 1  # each part of a stream entry id
+LAYOUT = "2"  # `P layout`: the key layout this module writes (absent: the layout before issue 19)
+_SCRIPTS = {
+    "create": scripts.CREATE, "claim": scripts.CLAIM, "retry": scripts.RETRY, "renew": scripts.RENEW,
+    "progress": scripts.PROGRESS, "finish": scripts.FINISH, "recover": scripts.RECOVER, "expire": scripts.EXPIRE,
+    "list": scripts.LIST, "append_events": scripts.APPEND_EVENTS, "claim_webhooks": scripts.CLAIM_WEBHOOKS,
+    "webhook_attempted": scripts.WEBHOOK_ATTEMPTED, "migrate": scripts.MIGRATE,
+}
 
 
 def _time(value: float) -> str:
@@ -277,11 +167,26 @@ class RedisJobStore(JobStore):
             await client.aclose()
             raise
         self._client = client
-        for name, source in (
-            ("create", _CREATE), ("claim", _CLAIM), ("renew", _RENEW), ("progress", _PROGRESS),
-            ("finish", _FINISH), ("recover", _RECOVER), ("expire", _EXPIRE), ("list", _LIST),
-        ):
-            self._scripts[name] = client.register_script(source)
+        self._scripts = {name: client.register_script(source) for name, source in _SCRIPTS.items()}
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        """Bring data written before this layout up to it (once: `P layout` records it is done). Idempotent,
+        so replicas starting together may all run it."""
+        redis = self._redis()
+        layout = await redis.get(self._key("layout"))
+        if layout is not None and int(layout) > int(LAYOUT):
+            raise RuntimeError(f"{self!r} holds jobs of a newer procbridge (layout {int(layout)} > {LAYOUT})")
+        if layout is not None:
+            return
+        start, now = 0, _time(time.time())
+        while int(await self._run("migrate", now, str(start), str(_MIGRATE_BATCH))) == _MIGRATE_BATCH:
+            start += _MIGRATE_BATCH
+        await redis.set(self._key("layout"), LAYOUT)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -306,31 +211,66 @@ class RedisJobStore(JobStore):
     async def create(self, job: Job) -> tuple[Job, bool]:
         if job.status != QUEUED:
             raise ValueError(f"a new job must be {QUEUED}, not {job.status}")
+        job = dataclasses.replace(job, run_at=job.created_at if job.run_at is None else job.run_at)
+        assert job.run_at is not None
         reply = await self._run(
             "create", job.id, "0" if job.idempotency_key is None else "1" + job.idempotency_key,
-            _time(job.created_at), *_encode(job),
+            _time(job.created_at), _time(job.run_at), _time(time.time()), job.task, str(int(job.priority)),
+            *_encode(job),
         )
         if int(reply[0]) == 0:
             return _decode(reply[1]), False
-        return dataclasses.replace(job), True
+        return job, True
 
     async def get(self, job_id: str) -> Job | None:
         data = await self._redis().hgetall(self._key("job:", job_id))
         return _decode(data) if data else None
 
-    async def list(self, status: str | None = None, limit: int = 100) -> list[Job]:
-        if limit <= 0:
+    async def list(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        task: str | None = None,
+        before: tuple[float, str] | None = None,
+    ) -> builtins.list[Job]:
+        if limit <= 0 or (status is not None and status not in STATUSES):
             return []
-        if status is not None and status not in STATUSES:
-            return []
-        key = "index" if status is None else f"status:{status}"
-        rows = await self._run("list", key, str(int(limit)))
-        return [_decode(row) for row in rows]
+        if task is not None:  # the task's set, filtered by status in the script
+            key, want = f"task:{task}", status or ""
+        else:
+            key, want = ("index", "") if status is None else (f"status:{status}", "")
+        score: str | bytes = "+inf" if before is None else _time(before[0])
+        cursor: str | bytes = "0" if before is None else "1" + before[1]
+        found: builtins.list[Job] = []
+        while True:
+            rows, score, cursor, done = await self._run(
+                "list", key, want, score, cursor, str(int(limit) - len(found)), str(_LIST_SCAN)
+            )
+            found += [_decode(row) for row in rows]
+            if int(done) or len(found) >= limit:
+                return found
 
     async def claim(self, owner: str, lease_seconds: float) -> Job | None:
         now = time.time()
         reply = await self._run("claim", owner, _time(now + lease_seconds), _time(now))
         return _decode(reply) if reply else None
+
+    async def next_run_at(self) -> float | None:
+        async with self._redis().pipeline(transaction=True) as pipe:
+            pipe.zcard(self._key("ready"))
+            pipe.zrange(self._key("delayed"), 0, 0, withscores=True)
+            ready, delayed = await pipe.execute()
+        earliest = float(delayed[0][1]) if delayed else None
+        if int(ready):  # a job is due: "now" stands for its run_at (`ready` keeps no run_at order)
+            return time.time() if earliest is None else min(earliest, time.time())
+        return earliest
+
+    async def retry(self, job_id: str, owner: str, run_at: float, error: dict[str, Any]) -> bool:
+        reply = await self._run(
+            "retry", job_id, owner, _time(run_at), _time(time.time()), _encode_value("last_error", error)
+        )
+        return int(reply) == 1
 
     async def renew(self, owner: str, job_ids: builtins.list[str], lease_seconds: float) -> None:
         if job_ids:
@@ -350,16 +290,20 @@ class RedisJobStore(JobStore):
     ) -> bool:
         if status not in FINAL:
             raise ValueError(f"{status!r} is not a final status")
-        fields: list[str | bytes] = []
+        fields: builtins.list[str | bytes] = []
         for name, value in (("result", result), ("result_bytes", result_bytes), ("error", error)):
             if value is not None:
                 fields += [name, _encode_value(name, value)]
-        reply = await self._run("finish", job_id, status, _time(time.time()), "0", *fields)
+        if status == FAILED and error is not None:
+            fields += ["last_error", _encode_value("last_error", error)]
+        reply = await self._run(
+            "finish", job_id, status, _time(time.time()), "0", "1" if status == FAILED else "0", *fields
+        )
         return bool(reply) and int(reply[0]) == 1
 
     async def cancel(self, job_id: str, error: dict[str, Any]) -> Job | None:
         reply = await self._run(
-            "finish", job_id, CANCELLED, _time(time.time()), "1", "error", _encode_value("error", error)
+            "finish", job_id, CANCELLED, _time(time.time()), "1", "0", "error", _encode_value("error", error)
         )
         return _decode(reply[1]) if reply else None
 
@@ -367,10 +311,11 @@ class RedisJobStore(JobStore):
         return int(await self._run("recover", _time(time.time()), "1" if owner_gone else "0"))
 
     async def expire(self, finished_before: float) -> int:
-        total = 0
-        while True:
-            removed, seen = await self._run("expire", _time(finished_before), str(_EXPIRE_BATCH))
+        total = offset = 0
+        while True:  # jobs whose webhook is pending stay in `finished`: later batches start after them
+            removed, seen, kept = await self._run("expire", _time(finished_before), str(_EXPIRE_BATCH), str(offset))
             total += int(removed)
+            offset += int(kept)
             if int(seen) < _EXPIRE_BATCH:
                 return total
 
@@ -380,3 +325,48 @@ class RedisJobStore(JobStore):
                 pipe.zcard(self._key("status:", status))
             values = await pipe.execute()
         return {status: int(n) for status, n in zip(STATUSES, values, strict=True)}
+
+    # -- the event log -----------------------------------------------------------------------------
+
+    async def append_events(self, job_id: str, events: builtins.list[LoggedEvent]) -> None:
+        if not events:
+            return
+        args: builtins.list[str | bytes] = []
+        for event in events:
+            if not (0 <= event.id.run <= _STREAM_ID_MAX and 0 <= event.id.seq <= _STREAM_ID_MAX):
+                raise ValueError(f"event id {event.id} out of range (each part 0 to 2**64-1)")
+            args += [str(event.id.run), str(event.id.seq), event.event, bytes(event.data)]
+        await self._run("append_events", job_id, *args)
+
+    async def events(self, job_id: str, after: EventId | None = None) -> builtins.list[LoggedEvent]:
+        start = "-"  # the first id above `after` (XRANGE's exclusive "(" start needs Redis 6.2)
+        if after is not None:
+            run, seq = (after.run, after.seq + 1) if after.seq < _STREAM_ID_MAX else (after.run + 1, 0)
+            if run > _STREAM_ID_MAX:
+                return []  # above every id a stream can hold
+            start = f"{run}-{seq}"
+        rows: Any = await self._redis().xrange(self._key("events:", job_id), min=start, max="+")
+        return [
+            LoggedEvent(EventId.parse(entry_id.decode()), fields[b"e"].decode(), bytes(fields[b"d"]))
+            for entry_id, fields in rows
+        ]
+
+    # -- webhook deliveries ------------------------------------------------------------------------
+
+    async def claim_webhooks(self, now: float, lease_until: float, limit: int) -> builtins.list[Job]:
+        if limit <= 0:
+            return []
+        rows = await self._run("claim_webhooks", _time(now), _time(lease_until), str(int(limit)))
+        return [_decode(row) for row in rows]
+
+    async def webhook_attempted(
+        self, job_id: str, *, delivered: bool, next_at: float | None = None, error: str | None = None
+    ) -> None:
+        await self._run(
+            "webhook_attempted", job_id, "1" if delivered else "0", "" if next_at is None else _time(next_at),
+            "0" if error is None else "1" + error,
+        )
+
+    async def next_webhook_at(self) -> float | None:
+        head = await self._redis().zrange(self._key("webhooks"), 0, 0, withscores=True)
+        return float(head[0][1]) if head else None

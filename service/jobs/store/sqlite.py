@@ -418,10 +418,12 @@ class SQLiteJobStore(JobStore):
     async def append_events(self, job_id: str, events: builtins.list[LoggedEvent]) -> None:
         if not events:
             return
-        async with self._transaction() as conn:  # OR IGNORE: an id logged already (a replayed append) stays
+        # OR IGNORE: an id logged already (a replayed append) stays; a job expired meanwhile gets no orphan log
+        async with self._transaction() as conn:
             await conn.executemany(
-                "INSERT OR IGNORE INTO job_events (job_id, run, seq, event, data) VALUES (?, ?, ?, ?, ?)",
-                [(job_id, e.id.run, e.id.seq, e.event, e.data) for e in events],
+                """INSERT OR IGNORE INTO job_events (job_id, run, seq, event, data)
+                   SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)""",
+                [(job_id, e.id.run, e.id.seq, e.event, e.data, job_id) for e in events],
             )
 
     async def events(self, job_id: str, after: EventId | None = None) -> builtins.list[LoggedEvent]:
