@@ -205,6 +205,7 @@ class WebhookSender:
         """Stop looking and cancel the deliveries in flight: their leases run out and they are
         delivered again after the next start (at-least-once)."""
         self._closed = True
+        self._wake.set()  # should a store client swallow the cancel, the loop still sees it is closed
         tasks = [t for t in (self._loop_task, *self.delivering.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -227,6 +228,8 @@ class WebhookSender:
             except Exception:
                 log.exception("could not look for webhooks to deliver; trying again in %g s", self.poll)
                 wait = self.poll
+            if self._closed:
+                return
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel (close()) that
             # comes as the wake-up does, and the loop would go on
             with contextlib.suppress(TimeoutError):

@@ -1,6 +1,7 @@
-"""service/jobs/webhooks.py: the signature, the back-off, and the sender end to end: the real SQLite
-store, and a real aiohttp receiver on a free loopback port that fails, hangs or redirects on cue and
-checks every signature it gets. (The allow-list: test_webhook_allow.py.)"""
+"""service/jobs/webhooks.py: the signature, the back-off, and the sender end to end: the real stores
+(`store` is tests/service/conftest.py's: SQLite and Redis), and a real aiohttp receiver on a free loopback
+port that fails, hangs or redirects on cue and checks every signature it gets. (The allow-list:
+test_webhook_allow.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -110,14 +110,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     await r.start()
     yield r
     await r.stop()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = open_store(str(tmp_path / "jobs.db"))
-    await s.open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture
@@ -310,6 +302,19 @@ async def test_many_deliveries_run_at_most_the_concurrency_at_once(receiver, sto
     receiver.release.set()
     for job in jobs:
         await webhook_done(store, job.id, WEBHOOK_DELIVERED)
+
+
+async def test_two_senders_on_one_store_deliver_each_job_once(receiver, stores, sender):
+    """Two processes on one store (replicas on Redis; a restart overlapping on SQLite): the claim's lease
+    keeps them from delivering the same webhook twice."""
+    first, second = await sender(store=await stores.open()), await sender(store=await stores.open())
+    jobs = [await ended_job(first.store, receiver.url(f"/{i}")) for i in range(8)]
+    first.notify()
+    second.notify()
+    for job in jobs:
+        done = await webhook_done(second.store, job.id, WEBHOOK_DELIVERED)
+        assert done.webhook_attempts == 1
+    assert sorted(r["path"] for r in receiver.requests) == sorted(f"/{i}" for i in range(8))
 
 
 async def test_the_allow_list_is_checked_again_at_delivery(receiver, store, sender):
