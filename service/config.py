@@ -54,6 +54,10 @@ class Config:
     job_concurrency: int = field_default("job_concurrency")
     job_ttl: float = field_default("job_ttl")
     job_lease: float = field_default("job_lease")
+    retry_backoff: float = field_default("retry_backoff")
+    webhook_allow: tuple[str, ...] = field_default("webhook_allow")
+    webhook_secret: str | None = field_default("webhook_secret")
+    webhook_timeout: float = field_default("webhook_timeout")
     max_map_items: int = field_default("max_map_items")
     shm_threshold: int = field_default("shm_threshold")
     shm_budget: int | None = field_default("shm_budget")  # None: 3/4 of /dev/shm's free space at start-up; 0: off

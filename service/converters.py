@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.jobs.store.url import parse_store
+from service.jobs.webhook_allow import parse_allow
 from workers.executor_url import parse_executor
 
 MIB = 1024 * 1024
@@ -176,6 +177,43 @@ def api_keys(s: str) -> tuple[str, ...]:
         if key.startswith(("@", "#")):
             raise ValueError(f"key {position} starts with {key[0]!r}, which would read as a file or a comment")
     return tuple(dict.fromkeys(keys))  # duplicates dropped, order kept
+
+
+def backoff(s: str) -> float:
+    """A first retry's delay: seconds > 0, at most 300 (the longest any back-off grows to)."""
+    x = _float(s, "must be a number of seconds > 0, at most 300")
+    if not math.isfinite(x) or not 0 < x <= 300:
+        raise ValueError("must be a number of seconds > 0, at most 300")
+    return x
+
+
+def webhook_allow(s: str) -> tuple[str, ...]:
+    """`host[:port]` patterns, comma-separated; the grammar and its checks: service/jobs/webhook_allow.py."""
+    return parse_allow(s)
+
+
+MIN_SECRET = 16
+
+
+def secret(s: str) -> str:
+    """An HMAC key, or `@FILE`: the first line of FILE (a mounted secret). Visible ASCII without spaces
+    (it survives shells, env files and YAML unchanged), at least MIN_SECRET characters. Messages never
+    show it."""
+    if s.startswith("@"):
+        try:
+            lines = Path(s[1:]).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError("the secret file is not UTF-8 text") from None
+        s = lines[0].strip() if lines else ""
+        if not s:
+            raise ValueError("the secret file's first line is empty")
+    if not all("!" <= c <= "~" for c in s):
+        raise ValueError("the secret has a character other than visible ASCII (spaces included); "
+                         "make one with e.g. `openssl rand -hex 32`")
+    if len(s) < MIN_SECRET:
+        raise ValueError(f"the secret is shorter than {MIN_SECRET} characters; "
+                         "make one with e.g. `openssl rand -hex 32`")
+    return s
 
 
 def access_log(s: str) -> str:

@@ -4,7 +4,8 @@ Task calls by outcome and the duration histogram are plain counts updated on eac
 entry and a list slot: no lock, no `.labels()` lookup; only the loop's thread updates and scrapes
 them) and exposed at scrape time; pool state (pending, workers by state, restarts) is read at scrape
 time from the pool and its shared-memory table, so the hot path pays nothing for it. Event-loop lag
-is measured by a periodic timer: how late it fires.
+is measured by a periodic timer: how late it fires. Webhook deliveries are counted by the webhook
+sender into `Metrics.webhooks` (a `WebhookDeliveries`), read at scrape time like the rest.
 """
 
 from __future__ import annotations
@@ -189,11 +190,40 @@ class RejectedRequests(Collector):
         yield family
 
 
+WEBHOOK_OUTCOMES = ("delivered", "failed", "gave_up")
+
+
+class WebhookDeliveries(Collector):
+    """`procbridge_webhook_deliveries_total{outcome}` (each delivery attempt once: `delivered`, `failed`
+    with a retry to come, `gave_up` when none is left) and `procbridge_webhooks_pending`: plain numbers
+    the webhook sender (service/jobs/webhooks.py) keeps, read at scrape time (the store is not asked)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(WEBHOOK_OUTCOMES, 0)
+        self.pending = 0
+
+    def count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily("procbridge_webhook_deliveries", "Webhook delivery attempts by outcome",
+                                     labels=["outcome"])
+        for outcome, n in self.counts.items():
+            family.add_metric([outcome], n)
+        yield family
+        yield GaugeMetricFamily(
+            "procbridge_webhooks_pending",
+            "Webhook deliveries this process is making, or has scheduled a retry of", value=self.pending,
+        )
+
+
 class Metrics:
     def __init__(self, pool: Callable[[], Executor | None]) -> None:
         self.registry = CollectorRegistry()
         self._tasks = _TaskCollector()
         self.registry.register(self._tasks)
+        self.webhooks = WebhookDeliveries()
+        self.registry.register(self.webhooks)
         self.loop_lag = Gauge(
             "procbridge_event_loop_lag_seconds", "How late the event loop ran a timer (highest in the last second)",
             registry=self.registry,

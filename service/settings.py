@@ -117,6 +117,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--job-lease", "PROCBRIDGE_JOB_LEASE", c.lease, 30.0,
             "a running job's lease, renewed every 0.5 s (at least 2 s): with Redis, how long a dead replica's "
             "running jobs wait before another replica runs them again", shown="30s"),
+    Setting("--retry-backoff", "PROCBRIDGE_RETRY_BACKOFF", c.backoff, 1.0,
+            "seconds before the first retry of a failed job attempt (`@task(retries=)`, a job's `retries`); "
+            "each further retry doubles it, at most 5 minutes, each with jitter", shown="1"),
+    Setting("--webhook-allow", "PROCBRIDGE_WEBHOOK_ALLOW", c.webhook_allow, (),
+            "comma-separated `host[:port]` patterns a job's `webhook` may call: `*.example.com`, "
+            "`hooks.internal:8443`, `10.0.*:*`, `[::1]:9000`; no port: the scheme's default only "
+            "([docs/api.md](docs/api.md#webhooks))",
+            shown="none: webhooks refused (422)"),
+    Setting("--webhook-secret", "PROCBRIDGE_WEBHOOK_SECRET", c.secret, None,
+            "HMAC-SHA256 key of `X-Procbridge-Signature`, or `@FILE` (its first line); at least 16 visible ASCII "
+            "characters", shown="none: unsigned, with a warning at start-up", secret=True),
+    Setting("--webhook-timeout", "PROCBRIDGE_WEBHOOK_TIMEOUT", c.seconds, 10.0,
+            "seconds one webhook delivery attempt may take (connect and answer)", shown="10"),
     Setting("--max-map-items", "PROCBRIDGE_MAX_MAP_ITEMS", c.positive_int, 100_000,
             "items in one map request; beyond it 413"),
     Setting("--shm-threshold", "PROCBRIDGE_SHM_THRESHOLD", c.size, 256 * 1024,

@@ -37,6 +37,11 @@ SETTINGS = [
     ("--access-log", "PROCBRIDGE_ACCESS_LOG", "access_log", "off", "/tmp/procbridge-access.log", "off",
      "/tmp/procbridge-access.log"),
     ("--job-lease", "PROCBRIDGE_JOB_LEASE", "job_lease", "2", "1m", 2.0, 60.0),
+    ("--retry-backoff", "PROCBRIDGE_RETRY_BACKOFF", "retry_backoff", "0.25", "300", 0.25, 300.0),
+    ("--webhook-allow", "PROCBRIDGE_WEBHOOK_ALLOW", "webhook_allow", "a.example, *.b.example:8443", "127.0.0.1:*",
+     ("a.example", "*.b.example:8443"), ("127.0.0.1:*",)),
+    ("--webhook-secret", "PROCBRIDGE_WEBHOOK_SECRET", "webhook_secret", "x" * 16, "y" * 40, "x" * 16, "y" * 40),
+    ("--webhook-timeout", "PROCBRIDGE_WEBHOOK_TIMEOUT", "webhook_timeout", "2.5", "30", 2.5, 30.0),
 ]
 
 
@@ -130,6 +135,36 @@ def test_a_bad_key_is_named_by_its_position_never_shown(tmp_path):
     assert str(keys) in str(info.value) and secret not in str(info.value)  # the file is named, not its keys
 
 
+def test_webhook_settings_are_off_by_default():
+    config = load([], {})
+    assert (config.webhook_allow, config.webhook_secret, config.webhook_timeout) == ((), None, 10.0)
+    assert config.retry_backoff == 1.0
+
+
+def test_webhook_secret_from_a_file_is_its_first_line_and_never_shown(tmp_path):
+    secret = "s3cr3t-" + "0123456789abcdef"
+    path = tmp_path / "webhook-secret"
+    path.write_text(f"  {secret}  \nsecond line ignored\n")
+    config = load(["--webhook-secret", f"@{path}"], {})
+    assert config.webhook_secret == secret
+    assert secret not in repr(config) and "webhook_secret='<not shown>'" in repr(config)
+    path.write_text("\n" + secret)
+    with pytest.raises(ConfigError, match="first line is empty"):
+        load([], {"PROCBRIDGE_WEBHOOK_SECRET": f"@{path}"})
+    for bad in ("with a space in it, long enough", "tiny-k3y", "clé-non-ascii-mais-longue"):
+        with pytest.raises(ConfigError) as info:
+            load(["--webhook-secret", bad], {})
+        assert bad not in str(info.value) and "<not shown>" in str(info.value)
+
+
+def test_webhook_allow_refusals_name_the_pattern_and_what_to_write():
+    with pytest.raises(ConfigError) as info:
+        load(["--webhook-allow", "hooks.example.com, http://x.example/hook"], {})
+    message = str(info.value)
+    assert message.startswith("--webhook-allow=") and "'http://x.example/hook'" in message
+    assert "without a scheme" in message
+
+
 def test_access_log_default_is_stdout():
     assert load([], {}).access_log == "-"
     assert Config().access_log == "-"
@@ -191,6 +226,15 @@ def test_rate_limits():
         (["--log-level", "loud"], {}, "--log-level"),
         (["--job-lease", "1.5"], {}, "--job-lease"),
         ([], {"PROCBRIDGE_JOB_LEASE": "soon"}, "PROCBRIDGE_JOB_LEASE"),
+        (["--retry-backoff", "0"], {}, "--retry-backoff"),
+        (["--retry-backoff", "301"], {}, "--retry-backoff"),
+        (["--webhook-allow", " , "], {}, "--webhook-allow"),
+        (["--webhook-allow", "https://hooks.example.com"], {}, "--webhook-allow"),
+        (["--webhook-allow", "::1"], {}, "--webhook-allow"),
+        ([], {"PROCBRIDGE_WEBHOOK_ALLOW": "hooks.example.com:99999"}, "PROCBRIDGE_WEBHOOK_ALLOW"),
+        (["--webhook-secret", "short"], {}, "--webhook-secret"),
+        (["--webhook-secret", "@/nonexistent/procbridge-secret"], {}, "--webhook-secret"),
+        (["--webhook-timeout", "0"], {}, "--webhook-timeout"),
     ],
 )
 def test_bad_values_name_the_flag_or_variable(argv, env, named):

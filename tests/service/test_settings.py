@@ -31,7 +31,10 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "shutdown_grace": ("0", 0.0), "worker_start_timeout": ("90", 90.0),
     "max_tasks_per_worker": ("5", 5), "max_worker_memory": ("1MiB", 2**20),
     "cancel_running_on_disconnect": ("true", True), "worker_nice": ("0", 0), "job_concurrency": ("4", 4),
-    "job_ttl": ("90m", 5400.0), "job_lease": ("2m", 120.0), "max_map_items": ("10", 10),
+    "job_ttl": ("90m", 5400.0), "job_lease": ("2m", 120.0), "retry_backoff": ("0.5", 0.5),
+    "webhook_allow": ("*.Example.com,[::1]:9000", ("*.example.com", "[::1]:9000")),
+    "webhook_secret": ("0123456789abcdef", "0123456789abcdef"), "webhook_timeout": ("3", 3.0),
+    "max_map_items": ("10", 10),
     "shm_threshold": ("4096", 4096), "shm_budget": ("0", 0), "log_level": ("DEBUG", "debug"),
     "debug": ("yes", True), "access_log": ("off", "off"),
 }
