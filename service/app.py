@@ -31,6 +31,7 @@ from service.jobs import handlers as job_handlers
 from service.jobs.events import JobEvents
 from service.jobs.runner import JobRunner
 from service.jobs.store import open_store
+from service.jobs.webhooks import WebhookSender
 from service.metrics import Metrics, RejectedRequests
 from service.problems import problem_middleware
 from service.rate_limit import rate_limit_middleware
@@ -153,15 +154,21 @@ async def job_runner(app: web.Application) -> AsyncIterator[None]:
     config = service.config
     store, executor = service.store, service.executor
     assert store is not None and executor is not None  # opened by the contexts before this one
+    # The sender starts even without --webhook-allow: deliveries left pending by an earlier run are
+    # then given up (the URL is checked again) instead of keeping their jobs from expiring.
+    sender = WebhookSender.from_config(store, config, metrics=service.metrics.webhooks)
     runner = JobRunner(
         store, executor, service.catalog, JobEvents(store),
         concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,
         shared_store=store.shared, debug=config.debug, gates=service.gates,
+        retry_backoff=config.retry_backoff, webhooks=sender,
     )
     service.jobs = runner
-    await runner.start()
+    await runner.start()  # its recovery makes the deliveries a crash left leased due at once
+    await sender.start()
     yield
     await runner.close()
+    await sender.close()  # deliveries in flight go out again after the next start (at-least-once)
 
 
 async def metrics_timers(app: web.Application) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ from service.concurrency import TaskGates
 from service.config import Config
 from service.jobs.runner import JobRunner
 from service.jobs.store.base import JobStore
+from service.jobs.webhooks import WebhookPolicy
 from service.metrics import Metrics
 from service.validation import TaskCatalog
 from workers.executor import Executor
@@ -40,11 +41,12 @@ class Service:
     access_log: AccessLogSink | None = None  # None: --access-log off
     audit: AuditLog | None = None  # refused API keys; None without --api-keys
     gates: TaskGates = field(init=False)  # @task(concurrency=N): service/concurrency.py
-    webhook_policy: Any = None  # TEMP until the webhooks module lands
+    webhook_policy: WebhookPolicy = field(init=False)  # which webhook hosts a job may name
 
     def __post_init__(self) -> None:
         limits = ((e.name, e.spec.concurrency) for e in self.catalog if e.spec.concurrency is not None)
         self.gates = TaskGates(limits, lambda: self.executor)
+        self.webhook_policy = WebhookPolicy.from_config(self.config)
 
     def runner_options(self) -> dict[str, Any]:
         """The keyword arguments of web.AppRunner that belong to the app: its access log."""

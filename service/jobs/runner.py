@@ -99,6 +99,7 @@ class JobRunner:
         self.running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._closed = False  # the loops end on it too: a redis-py call can swallow a task's cancel
         self._background: list[asyncio.Task[None]] = []
         self._progress_pending: dict[str, dict[str, Any]] = {}
 
@@ -124,7 +125,7 @@ class JobRunner:
         self._wake.set()
 
     async def close(self) -> None:
-        self._stopping = True
+        self._stopping = self._closed = True
         for task in self._background:
             task.cancel()
         for task in list(self.running.values()):
@@ -190,7 +191,7 @@ class JobRunner:
         self._wake.set()
 
     async def _renew_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(RENEW_EVERY)
             await self._flush_progress()
             for job_id in list(self.events.logs):
@@ -214,7 +215,7 @@ class JobRunner:
     async def _recover_loop(self) -> None:
         """Shared store: the jobs of a replica that died (or of this one before a restart, whose
         leases had not run out at start-up) are queued again once their leases run out."""
-        while True:
+        while not self._closed:
             await asyncio.sleep(min(RECOVER_EVERY, self.lease / 4))
             try:
                 recovered = await self.store.recover()
@@ -226,7 +227,7 @@ class JobRunner:
                 self._wake.set()
 
     async def _expire_loop(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 removed = await self.store.expire(time.time() - self.ttl)
                 if removed:

@@ -56,10 +56,10 @@ def test_submit_options_are_sent_when_given_and_show_in_the_job_document(pb: Cli
 
         with pytest.raises(ValueError, match="not both"):
             via.submit("echo", delay=1, run_at=at)
-        # Unset --webhook-allow: the service must refuse the webhook (API.md: 422). The service at
-        # b1c25d8 answers 500 internal-error (its webhook policy is not wired yet): either is a refusal.
-        with pytest.raises(procbridge.ProblemError):
+        # Unset --webhook-allow: the service refuses every webhook (API.md: 422), naming the field
+        with pytest.raises(procbridge.InvalidArguments) as refused:
             via.submit("echo", value=3, webhook="http://127.0.0.1:9/hook")
+        assert "--webhook-allow" in refused.value.detail
         assert b'"webhook":"http://127.0.0.1:9/hook"' in proxy.sent
     assert {j["id"] for j in pb.jobs(task="echo", status="queued")} == {delayed["id"], later["id"]}
 

@@ -27,8 +27,8 @@ from tests.e2e.test_jobs import job, sse_stream, submit, wait_final
 from tests.support.redis_server import RedisServer
 
 TASKS = "tests.support.fault_tasks,tests.support.job_tasks"
-SERVER_ARGS = ("--workers", "2", "--job-concurrency", "1", "--tasks", TASKS)
-BACKOFF = 1.0  # the retry back-off base: the runner's default until --retry-backoff is merged
+BACKOFF = 0.25  # --retry-backoff: the first retry's back-off (the second's is twice that)
+SERVER_ARGS = ("--workers", "2", "--job-concurrency", "1", "--tasks", TASKS, "--retry-backoff", str(BACKOFF))
 MARGIN = 1.0  # how long past a time something must still not have happened
 Event = tuple[str | None, str, Any]  # (id, event, data) of one SSE event
 
