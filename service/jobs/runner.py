@@ -4,7 +4,7 @@ runs them on the executor; retries failed attempts with back-off; logs each run'
 Delays cost no polling per job: the claim loop sleeps until the earliest `run_at` of any queued job
 (`store.next_run_at`, one timer), or until a job is submitted here. A failed attempt (the task raised,
 its worker crashed, it timed out, the executor was unreachable) with retries left is queued again at
-now + back-off (`--retry-backoff` doubled per retry, at most MAX_BACKOFF, each drawn between half and
+now + back-off (`--retry-backoff` doubled per retry, at most 5 minutes, each drawn between half and
 all of that: jitter spreads a burst of failures); a cancel written first wins, so a cancelled job is
 never retried. Arguments the task no longer accepts are not retried (no attempt would differ).
 
@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 import uuid
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from service.concurrency import TaskGates
 from service.jobs.events import JobEvents
 from service.jobs.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from service.jobs.store.base import JobStore
+from service.jobs.webhooks import retry_delay  # one back-off rule for job retries and deliveries
 from service.problems import Problem, from_pool_error
 from service.validation import TaskCatalog
 from workers.errors import ExecutorUnavailable, PoolClosed, PoolError, TaskFailed, TaskTimeout, WorkerCrashed
@@ -49,7 +49,6 @@ POLL_EVERY = 1.0  # look for jobs queued by other replicas
 RECOVER_EVERY = 5.0  # shared store: look for running jobs whose lease ran out (at most a quarter lease)
 EXPIRE_EVERY = 60.0
 RETRY_BACKOFF = 1.0  # the default of --retry-backoff
-MAX_BACKOFF = 300.0
 RETRIED = (TaskFailed, WorkerCrashed, TaskTimeout, ExecutorUnavailable)  # a failed attempt; the rest end the job
 
 
@@ -58,12 +57,6 @@ class Notified(Protocol):
 
     def notify(self) -> None: ...
 
-
-def backoff(attempt: int, base: float) -> float:
-    """Seconds before the retry that follows failed attempt `attempt` (1, 2, …): base·2^(attempt-1), at
-    most MAX_BACKOFF, drawn uniformly between half of it and all of it."""
-    ceiling = min(MAX_BACKOFF, base * 2 ** min(attempt - 1, 30))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 class JobRunner:
@@ -294,7 +287,7 @@ class JobRunner:
 
     async def _retry(self, job: Job, problem: dict[str, Any]) -> None:
         """Queue the job again after a back-off, unless a cancel came first."""
-        run_at = time.time() + backoff(job.attempts, self.retry_backoff)
+        run_at = time.time() + retry_delay(job.attempts, self.retry_backoff)
         self._progress_pending.pop(job.id, None)
         self.events.emit(job.id, "status", {"status": QUEUED, "attempt": job.attempts, "retry_at": run_at,
                                              "error": problem})
