@@ -123,6 +123,22 @@ class JobEvents:
             log.flushed = min(log.flushed, start)
             raise
 
+    @contextlib.contextmanager
+    def writing(self, job_id: str) -> Iterator[list[LoggedEvent]]:
+        """The run's events not yet in the store, for a store call that writes them with something else
+        (the final state: one write): counted as written inside the block, not if it raises."""
+        log = self.logs.get(job_id)
+        if log is None:
+            yield []
+            return
+        start, pending = log.flushed, log.unflushed()
+        log.flushed = len(log.events)
+        try:
+            yield pending
+        except BaseException:
+            log.flushed = min(log.flushed, start)
+            raise
+
     def end_run(self, job_id: str) -> None:
         """The run left this replica (ended, queued again, or stopped by a shutdown), its log written:
         listeners read the store from now on."""

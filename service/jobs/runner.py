@@ -318,8 +318,10 @@ class JobRunner:
         last = self._progress_pending.pop(job.id, None)
         if last is not None:  # the final report (often "100%") is stored, not just the last flushed one
             await self.store.set_progress(job.id, last)
-        await self.events.flush(job.id)
-        if await self.store.finish(job.id, status, result=result, result_bytes=result_bytes, error=error):
+        with self.events.writing(job.id) as unwritten:
+            ended = await self.store.finish(job.id, status, result=result, result_bytes=result_bytes, error=error,
+                                            events=unwritten)
+        if ended:
             self._webhook(job)  # else cancelled meanwhile: that state stands
 
     async def _flush_progress(self) -> None:

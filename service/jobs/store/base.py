@@ -39,6 +39,7 @@ from __future__ import annotations
 import abc
 import builtins
 import json
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import orjson
@@ -109,8 +110,10 @@ class JobStore(abc.ABC):
         result: Any = None,
         result_bytes: bytes | None = None,
         error: dict[str, Any] | None = None,
+        events: Sequence[LoggedEvent] = (),
     ) -> bool:
-        """Final state (succeeded/failed/cancelled) unless already final; True if this call set it."""
+        """Final state (succeeded/failed/cancelled) unless already final; True if this call set it.
+        `events`, the end of the run's log, are logged first (in the same write where the store can)."""
 
     @abc.abstractmethod
     async def cancel(self, job_id: str, error: dict[str, Any]) -> Job | None:

@@ -287,9 +287,12 @@ class RedisJobStore(JobStore):
         result: Any = None,
         result_bytes: bytes | None = None,
         error: dict[str, Any] | None = None,
+        events: Sequence[LoggedEvent] = (),
     ) -> bool:
         if status not in FINAL:
             raise ValueError(f"{status!r} is not a final status")
+        if events:  # before the final state: a listener that sees it final finds the whole log
+            await self.append_events(job_id, builtins.list(events))
         fields: builtins.list[str | bytes] = []
         for name, value in (("result", result), ("result_bytes", result_bytes), ("error", error)):
             if value is not None:

@@ -347,11 +347,13 @@ class SQLiteJobStore(JobStore):
         result: Any = None,
         result_bytes: bytes | None = None,
         error: dict[str, Any] | None = None,
+        events: Sequence[LoggedEvent] = (),
     ) -> bool:
         if status not in FINAL:
             raise ValueError(f"{status!r} is not a final status")
         now = time.time()
-        async with self._transaction() as conn:
+        async with self._transaction() as conn:  # one fsync for the log's end and the final state
+            await _log_events(conn, job_id, events)
             rows = list(await conn.execute_fetchall(
                 f"""UPDATE jobs SET status = ?, finished_at = ?, result = ?, result_bytes = ?, error = ?,
                        lease_until = NULL, last_error = CASE WHEN ? = '{FAILED}' THEN ? ELSE last_error END,
@@ -418,13 +420,8 @@ class SQLiteJobStore(JobStore):
     async def append_events(self, job_id: str, events: builtins.list[LoggedEvent]) -> None:
         if not events:
             return
-        # OR IGNORE: an id logged already (a replayed append) stays; a job expired meanwhile gets no orphan log
         async with self._transaction() as conn:
-            await conn.executemany(
-                """INSERT OR IGNORE INTO job_events (job_id, run, seq, event, data)
-                   SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)""",
-                [(job_id, e.id.run, e.id.seq, e.event, e.data, job_id) for e in events],
-            )
+            await _log_events(conn, job_id, events)
 
     async def events(self, job_id: str, after: EventId | None = None) -> builtins.list[LoggedEvent]:
         run, seq = (after.run, after.seq) if after is not None else (-1, -1)
@@ -464,6 +461,17 @@ class SQLiteJobStore(JobStore):
     async def next_webhook_at(self) -> float | None:
         rows = await self._read(f"SELECT MIN(webhook_next_at) FROM jobs WHERE webhook_state = '{WEBHOOK_PENDING}'")
         return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+
+async def _log_events(conn: aiosqlite.Connection, job_id: str, events: Sequence[LoggedEvent]) -> None:
+    """Inside a write transaction. OR IGNORE: an id logged already (a replayed append) stays; a job
+    expired meanwhile gets no orphan log."""
+    if events:
+        await conn.executemany(
+            """INSERT OR IGNORE INTO job_events (job_id, run, seq, event, data)
+               SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)""",
+            [(job_id, e.id.run, e.id.seq, e.event, e.data, job_id) for e in events],
+        )
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
