@@ -125,7 +125,9 @@ class SnapshotHub:
 
     async def _produce(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while self.watchers and not self.closed:
+                began = loop.time()
                 self._building = True
                 try:
                     snapshot = await self._build()
@@ -144,8 +146,10 @@ class SnapshotHub:
                     break
                 if not self.watchers:
                     break
+                # One a second from start to start, with a pause however slow a build was (a drain wakes it).
+                wake_at = max(began + self.interval, loop.time() + self.interval / 4)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.interval):
+                    async with asyncio.timeout_at(wake_at):
                         await self._hurry.wait()
         finally:
             if self.producer is asyncio.current_task():

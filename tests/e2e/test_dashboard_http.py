@@ -9,7 +9,11 @@ import http.client as httpclient
 import json
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import ServerProcess, http, post_json
 
@@ -102,3 +106,34 @@ def test_the_dashboard_behind_keys_with_cors_and_its_end_at_sigterm(server_facto
     finally:
         stream.close()
     assert server.stop(timeout=20) == 0
+
+
+@pytest.fixture
+def dask(tmp_path: Path) -> Iterator[Any]:
+    pytest.importorskip("distributed")
+    from tests.support.dask_cluster import running_cluster
+
+    with running_cluster(tmp_path / "dask", nthreads=2) as procs:
+        yield procs
+
+
+def test_the_snapshots_on_a_dask_cluster(dask: Any, server_factory: Any) -> None:
+    """On the Dask executor the snapshot gives what the scheduler tells: each Dask worker's pid, state,
+    task and the calls it answered; CPU figures are null."""
+    server = server_factory("--executor", dask.url, "--tasks", "tests.support.dask_tasks")
+    for _ in range(3):
+        assert post_json(server.url + "/v1/tasks/shout", {"text": "x", "times": 1}).status == 200
+    listed = http("GET", server.url + "/v1/workers").json()["workers"]
+    stream = Stream(server, {})
+    try:
+        first = stream.snapshot()
+        assert first is not None and first["executor"] == "dask" and first["ready"] is True
+        assert [w["pid"] for w in first["workers"]] == [w["pid"] for w in listed]
+        for worker in first["workers"]:
+            assert set(worker) == {"slot", "pid", "state", "task", "cpu_percent", "cpu_seconds", "rss_bytes",
+                                   "tasks_done", "restarts"}
+            assert worker["state"] in ("idle", "busy") and worker["cpu_percent"] is None
+            assert worker["cpu_seconds"] is None and worker["restarts"] == 0
+        assert sum(w["tasks_done"] for w in first["workers"]) == 3
+    finally:
+        stream.close()
