@@ -1,7 +1,7 @@
 """One producer of snapshots for every dashboard that watches.
 
-The first watcher to join starts a single task that builds a snapshot (snapshot.py), publishes it
-and sleeps a second, over and over; the last watcher to leave stops it. So with nobody watching
+The first watcher to join starts a single task that builds a snapshot (snapshot.py) and publishes
+it, once a second; the last watcher to leave stops it. So with nobody watching
 nothing runs, and with N watchers a snapshot is still built once a second, not N times.
 
 Publishing keeps only the latest snapshot: each watcher is told that a newer one exists and, when
