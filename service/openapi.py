@@ -28,6 +28,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+_SSE_EVENT = {"type": "object", "description": "one server-sent event; `data` is JSON text",  # as schemathesis reads it
+              "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}
 _CALL_ERRORS = {
     "400": _problem("invalid-json: the body is not a JSON object"),
     "401": _problem("unauthorized"),
@@ -130,6 +132,13 @@ def build_openapi(catalog: TaskCatalog, *, keys_required: bool = True) -> bytes:
             "tags": ["ops"],
             "responses": {"200": _json({"$ref": "#/components/schemas/Workers"}, "workers"),
                           "401": _problem("unauthorized")},
+        }},
+        "/v1/dashboard/events": {"get": {
+            "summary": "The dashboard's server-sent events: a `snapshot` at once, then at most one a second",
+            "operationId": "dashboard_events", "tags": ["ops"],
+            "responses": {"200": {"description": "text/event-stream",
+                                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+                          "401": _problem("unauthorized"), "503": _CALL_ERRORS["503"]},
         }},
         "/v1/tasks": {"get": {
             "summary": "Registered tasks with their argument schemas", "operationId": "list_tasks",
@@ -356,7 +365,7 @@ def _job_paths() -> dict[str, Any]:
                                      "schema": {"type": "string"},
                                      "description": "resume after this event: no repeat, no gap"}],
             "responses": {"200": {"description": "text/event-stream",
-                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
                           "401": _problem("unauthorized"), "404": unknown, "422": _problem("invalid-arguments")},
         }},
     }
