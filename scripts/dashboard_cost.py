@@ -67,12 +67,16 @@ class Dashboard(threading.Thread):
     def run(self) -> None:
         self.conn.request("GET", "/v1/dashboard/events", headers={"Accept": "text/event-stream"})
         reply = self.conn.getresponse()
-        while not self.stopped:
-            line = reply.readline()
-            if not line:
-                return
-            if line.startswith(b"event: snapshot"):
-                self.snapshots += 1
+        try:
+            while not self.stopped:
+                line = reply.readline()
+                if not line:
+                    return
+                if line.startswith(b"event: snapshot"):
+                    self.snapshots += 1
+        except (OSError, AttributeError, ValueError):  # closed under it by stop(): the end of the run
+            if not self.stopped:
+                raise
 
     def stop(self) -> None:
         self.stopped = True
