@@ -14,6 +14,7 @@ PROCBRIDGE_SCREENSHOT_DIR set, the screenshot of the page under load is written 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ def test_no_script_error_and_no_request_leaves_the_service(dashboard: Dashboard)
     dashboard.watch.assert_clean(dashboard.server.url)
     urls = [u for u, _ in dashboard.watch.requests]
     assert any(u.endswith("/v1/dashboard/events") for u in urls)
-    assert any(u.endswith("/dashboard/static/vendor/uPlot.iife.min.js") for u in urls)
+    assert any(u.endswith("/dashboard/static/uPlot.iife.min.js") for u in urls)
 
 
 def test_behind_keys_nothing_without_the_key(browser: Browser, tmp_path: Path) -> None:
@@ -291,5 +292,9 @@ def test_the_page_only_loads_its_own_files() -> None:
     for tag in html.split("<script")[1:]:
         assert tag.split(">", 1)[0].strip().startswith('src="/dashboard/static/'), tag[:80]
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
-    vendored = {p.name for p in (static / "vendor").iterdir()}
-    assert {"LICENSE", "README.md", "uPlot.iife.min.js", "uPlot.min.css"} <= vendored
+    # The service serves the plain files directly in static/ (no sub-folders): the vendored ones sit there too.
+    files = {p.name for p in static.iterdir() if p.is_file()}
+    assert {"uPlot-LICENSE.txt", "VENDORED.md", "uPlot.iife.min.js", "uPlot.min.css"} <= files
+    assert not [p for p in static.iterdir() if p.is_dir()]
+    for name in re.findall(r'(?:src|href)="/dashboard/static/([^"]+)"', html):
+        assert name in files, name

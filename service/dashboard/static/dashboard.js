@@ -1,7 +1,7 @@
 // procbridge dashboard: one server-sent event stream of snapshots (GET /v1/dashboard/events), read
 // with fetch() so that the API key travels in the Authorization header (EventSource cannot send one);
 // the key lives in this tab's sessionStorage only and never in a URL. Plain script, no build step;
-// the charts are uPlot (vendor/). Every value from the service is written with textContent.
+// the charts are uPlot (uPlot.iife.min.js, see VENDORED.md). Every value from the service is written with textContent.
 (function () {
   "use strict";
 
