@@ -8,7 +8,8 @@ style, or a request to a CDN, would show up here as a console error or a foreign
 One server (2 workers, kept busy by a few threads of `burn` calls) and one browser serve the whole
 module; the test behind keys starts a second, small server with --api-keys. With
 PROCBRIDGE_SCREENSHOT_DIR set, the screenshot of the page under load is written there as dashboard.png
-(`PROCBRIDGE_SCREENSHOT_DIR=docs` makes docs/dashboard.png); otherwise to the test's tmp folder.
+(`PROCBRIDGE_SCREENSHOT_DIR=docs` makes docs/dashboard.png), after 25 s more of load so that the
+charts have some history; otherwise to the temporary folder, at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from tests.conftest import ServerProcess, http, post_json, serving, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 KEY = "dashboard-test-key-7c1e9a"
+SCREENSHOT_WARMUP = 25.0  # seconds of load before the docs' screenshot (only with PROCBRIDGE_SCREENSHOT_DIR)
 
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(
@@ -136,6 +139,8 @@ def dashboard(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Ite
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         try:
             page, watch = open_page(context, server.url)
+            if os.environ.get("PROCBRIDGE_SCREENSHOT_DIR"):
+                time.sleep(SCREENSHOT_WARMUP)  # for the docs' picture only: charts with some history
             yield Dashboard(server, page, watch, load)
         finally:
             context.close()
