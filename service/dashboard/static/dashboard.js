@@ -35,6 +35,7 @@
     el.className = "status status-" + kind;
     el.textContent = text;
     el.dataset.state = kind;
+    document.body.dataset.stream = kind; // the CSS dims the last data while it is not live
   }
 
   // ---- formatting ----------------------------------------------------------------------------
@@ -430,7 +431,8 @@
     }
     if (gen !== generation) return;
     if (resp.status === 401) {
-      unauthorized(await problemDetail(resp));
+      const detail = await problemDetail(resp);
+      if (gen === generation) unauthorized(detail);
       return;
     }
     if (!resp.ok || !resp.body) {
