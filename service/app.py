@@ -6,10 +6,12 @@ Each resource is one of aiohttp's cleanup contexts: opened at start-up in the or
 (service/server.py runs the phases around them):
 
     log sinks -> job store -> executor (starting in the background) -> job runner -> metrics timers
+    -> dashboard hub
 
 Log sinks first, so a log that cannot be opened stops start-up before any worker starts, and last to
 close, so every response is logged; the runner needs both the store and the executor, and stops
-before them.
+before them; the dashboard's snapshots read all of them, so its hub stops first (its streams end
+earlier still: at the drain, and at the app's shutdown, before aiohttp waits for open connections).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from service.access_log import STDERR, AccessLogSink, AuditLog
 from service.auth import KeyRing, auth_middleware
 from service.concurrency import GatesCollector
 from service.config import Config
+from service.cors import CorsPolicy
+from service.dashboard import handlers as dashboard
 from service.jobs import handlers as job_handlers
 from service.jobs.events import JobEvents
 from service.jobs.runner import JobRunner
@@ -54,21 +58,26 @@ def create_app(config: Config) -> web.Application:
     if config.access_log != "off":
         service.access_log = AccessLogSink(config.access_log)
         service.access_log.with_keys = bool(config.api_keys)
-    app = web.Application(middlewares=_middlewares(service), client_max_size=config.max_body + 1)
+    app = web.Application(client_max_size=config.max_body + 1)
+    app.middlewares.extend(_middlewares(service, app))  # after the app: CORS adds a signal to it
     app[SERVICE] = service
     task_handlers.setup(app)
     map_handler.setup(app)
     job_handlers.setup(app)
     ops_handlers.setup(app)
-    app.cleanup_ctx.extend((log_sinks, job_store, task_executor, job_runner, metrics_timers))
+    dashboard.setup(app)
+    app.cleanup_ctx.extend((log_sinks, job_store, task_executor, job_runner, metrics_timers, dashboard.hub))
     return app
 
 
-def _middlewares(service: Service) -> list[Middleware]:
+def _middlewares(service: Service, app: web.Application) -> list[Middleware]:
     """Middlewares only for what is configured, so the default path pays nothing: errors outermost
-    (a 401 or 429 is a problem like any other), then keys, then the rate (per key, so after keys)."""
+    (a 401 or 429 is a problem like any other), then CORS preflights (answered without a key or a
+    token of the rate), then keys, then the rate (per key, so after keys)."""
     config = service.config
     middlewares: list[Middleware] = [problem_middleware]
+    if config.cors_origins:
+        middlewares.append(CorsPolicy(config.cors_origins).install(app))
     rejected = RejectedRequests()
     service.metrics.registry.register(rejected)
     service.metrics.registry.register(GatesCollector(service.gates))  # procbridge_task_waiting{task}

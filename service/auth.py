@@ -26,10 +26,18 @@ from service.problems import Handler, Problem
 
 log = logging.getLogger("procbridge.auth")
 
-# Paths any client may read without a key: probes for orchestrators and scrapers, and the API's
-# description. Exact matches on the request path: everything else, including a path no route
-# serves, needs a key, so a route added later is protected without anyone remembering to.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+# Paths any client may read without a key: probes for orchestrators and scrapers, the API's
+# description, and the dashboard's page and files (they hold no data: the page asks for a key and
+# sends it to /v1/dashboard/events). Exact matches on the request path, and one prefix whose only
+# route serves the dashboard's files by name: everything else, including a path no route serves,
+# needs a key, so a route added later is protected without anyone remembering to.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/dashboard", "/dashboard/"})
+OPEN_PREFIX = "/dashboard/static/"
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is served without a key (and outside the rate limit)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
 
 KEY_ID = web.RequestKey("key_id", str)  # request[KEY_ID]: the request's key id (absent when keys are off)
 
@@ -105,7 +113,7 @@ def auth_middleware(keys: KeyRing, on_reject: RejectHook | None = None) -> Middl
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if is_open(request.path):
             return await handler(request)
         token, reason = bearer_token(request)
         if token is not None:

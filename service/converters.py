@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from service.jobs.store.url import parse_store
 from service.jobs.webhook_allow import parse_allow
@@ -190,6 +191,37 @@ def backoff(s: str) -> float:
 def webhook_allow(s: str) -> tuple[str, ...]:
     """`host[:port]` patterns, comma-separated; the grammar and its checks: service/jobs/webhook_allow.py."""
     return parse_allow(s)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def cors_origins(s: str) -> tuple[str, ...]:
+    """Comma-separated origins, each `scheme://host[:port]` as a browser sends it in `Origin` (scheme and
+    host in lower case, no default port), or `*` for any origin."""
+    origins = []
+    for part in (p.strip() for p in s.split(",")):
+        if not part:
+            continue
+        if part == "*":
+            origins.append(part)
+            continue
+        want = f"each origin is `http(s)://host[:port]` (e.g. `https://app.example.com`) or `*`, not {part!r}"
+        try:
+            url = urlsplit(part)
+            port = url.port
+        except ValueError:
+            raise ValueError(want) from None
+        if url.scheme not in _DEFAULT_PORTS or not url.hostname or url.username is not None or url.password is not None:
+            raise ValueError(want)
+        if url.path or url.query or url.fragment or part.endswith(("?", "#")):
+            raise ValueError(f"an origin has no path: {part!r} (try {url.scheme}://{url.netloc})")
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        shown_port = f":{port}" if port not in (None, _DEFAULT_PORTS[url.scheme]) else ""
+        origins.append(f"{url.scheme}://{host}{shown_port}")
+    if not origins:
+        raise ValueError("no origin given (e.g. `https://app.example.com`, or `*`)")
+    return tuple(dict.fromkeys(origins))
 
 
 MIN_SECRET = 16

@@ -5,7 +5,9 @@ entry and a list slot: no lock, no `.labels()` lookup; only the loop's thread up
 them) and exposed at scrape time; pool state (pending, workers by state, restarts) is read at scrape
 time from the pool and its shared-memory table, so the hot path pays nothing for it. Event-loop lag
 is measured by a periodic timer: how late it fires. Webhook deliveries are counted by the webhook
-sender into `Metrics.webhooks` (a `WebhookDeliveries`), read at scrape time like the rest.
+sender into `Metrics.webhooks` (a `WebhookDeliveries`), read at scrape time like the rest. The same
+per-call step also counts the call in the current second of `Metrics.series`, the dashboard's calls/s
+and latency series (service/dashboard/series.py: two list slots more, no clock read).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from service.dashboard.series import CallSeries
 from workers.executor import Executor
 from workers.memory import MemoryUse
 from workers.stats import STATE_NAMES
@@ -30,6 +33,7 @@ from workers.stats import STATE_NAMES
 disable_created_metrics()  # the *_created series only double the scrape size
 
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_CALLS = len(_DURATION_BUCKETS) + 1  # where a CallSeries row keeps its call count
 LAG_INTERVAL = 0.1
 RESTART_REASONS = ("crashed", "timeout", "cancelled", "max_tasks", "max_memory", "start_failed", "start_timeout")
 
@@ -218,7 +222,8 @@ class WebhookDeliveries(Collector):
 
 
 class Metrics:
-    def __init__(self, pool: Callable[[], Executor | None]) -> None:
+    def __init__(self, pool: Callable[[], Executor | None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.series = CallSeries(_DURATION_BUCKETS, clock)  # per second, the last 5 minutes: the dashboard's
         self.registry = CollectorRegistry()
         self._tasks = _TaskCollector()
         self.registry.register(self._tasks)
@@ -237,12 +242,16 @@ class Metrics:
         stats = self._tasks
         key = (task, outcome)
         stats.calls[key] = stats.calls.get(key, 0) + 1
+        second = self.series.row  # this second's counts (CallSeries: buckets, then the calls)
+        second[_CALLS] += 1
         if seconds is not None:
             counts = stats.buckets.get(task)
             if counts is None:
                 counts = stats.buckets[task] = [0] * (len(_DURATION_BUCKETS) + 1)
                 stats.sums[task] = 0.0
-            counts[bisect.bisect_left(_DURATION_BUCKETS, seconds)] += 1
+            bucket = bisect.bisect_left(_DURATION_BUCKETS, seconds)
+            counts[bucket] += 1
+            second[bucket] += 1
             stats.sums[task] += seconds
 
     def render(self) -> bytes:
@@ -258,12 +267,14 @@ class Metrics:
                 await self._lag_task
 
     async def _measure_lag(self) -> None:
-        """Sleep LAG_INTERVAL, see how late we woke; publish the worst over the last second."""
+        """Sleep LAG_INTERVAL, see how late we woke; publish the worst over the last second. Each
+        wake-up also moves the per-second call counts on to the current second."""
         worst, window_start = 0.0, time.monotonic()
         while True:
             before = time.monotonic()
             await asyncio.sleep(LAG_INTERVAL)
             now = time.monotonic()
+            self.series.advance()
             worst = max(worst, now - before - LAG_INTERVAL)
             if now - window_start >= 1.0:
                 self.loop_lag.set(max(0.0, worst))

@@ -56,6 +56,7 @@ TITLES = {
     "too-many-connections": "Too many open connections",
     "timeout": "The request timed out inside the service",
     "streaming-unsupported": "This executor cannot stream the task's items",
+    "origin-not-allowed": "This origin may not call the API from a browser",
 }
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.auth import KEY_ID, OPEN_PATHS
+from service.auth import KEY_ID, is_open
 from service.config import RateLimit
 from service.problems import Handler, Problem
 
@@ -105,7 +105,7 @@ def client_bucket(remote: str | None) -> str:
 def rate_limit_middleware(
     limit: RateLimit, buckets: TokenBuckets | None = None, on_limited: Callable[[], None] | None = None
 ) -> Middleware:
-    """The middleware spending one token per request to anything but the open probes; with keys,
+    """The middleware spending one token per request to anything but the open paths (auth.py); with keys,
     from the key's bucket (set by the auth middleware, which runs first), else from the address's.
     `on_limited` is called for each refusal (the metrics count them)."""
     buckets = buckets if buckets is not None else TokenBuckets(limit)
@@ -114,7 +114,7 @@ def rate_limit_middleware(
 
     @web.middleware
     async def limit_rate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+        if is_open(request.path):
             return await handler(request)
         kid = request.get(KEY_ID)
         wait = take(kid if kid is not None else client_bucket(request.remote))

@@ -91,7 +91,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--api-keys", "PROCBRIDGE_API_KEYS", c.api_keys, (),
             "comma-separated keys or `@FILE` (one per line, `#` comments): every `/v1/` request then needs "
             "`Authorization: Bearer <key>` (401 otherwise); `/healthz`, `/readyz`, `/metrics`, `/openapi.json` "
-            "stay open ([docs/security.md](docs/security.md))", shown="no auth", secret=True),
+            "and the dashboard's page stay open ([docs/security.md](docs/security.md))", shown="no auth", secret=True),
+    Setting("--cors-origins", "PROCBRIDGE_CORS_ORIGINS", c.cors_origins, (),
+            "comma-separated origins whose pages may call the API from a browser (`https://app.example.com`); "
+            "`*`: any origin, no credentials (cookies are never used: pages send the API key themselves). "
+            "Preflights are answered without a key ([docs/api.md](docs/api.md#cors))",
+            shown="none: no CORS headers"),
     Setting("--rate-limit", "PROCBRIDGE_RATE_LIMIT", c.parse_rate, None,
             "requests per key (per client address without keys), e.g. `20/s`, `600/min`, `1000/h`, `5/10s`: "
             "a token bucket; beyond it 429 `rate-limited` with `Retry-After`", shown="none"),

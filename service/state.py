@@ -8,6 +8,7 @@ other: app.py imports the handler modules to add their routes, and a handler rea
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ class Service:
     audit: AuditLog | None = None  # refused API keys; None without --api-keys
     gates: TaskGates = field(init=False)  # @task(concurrency=N): service/concurrency.py
     webhook_policy: WebhookPolicy = field(init=False)  # which webhook hosts a job may name
+    on_drain: list[Callable[[], None]] = field(default_factory=list)  # called when a drain starts (dashboard streams)
 
     def __post_init__(self) -> None:
         limits = ((e.name, e.spec.concurrency) for e in self.catalog if e.spec.concurrency is not None)
@@ -62,11 +64,14 @@ class Service:
         return [sink for sink in dict.fromkeys(sinks) if sink is not None]
 
     def stop_taking_work(self) -> None:
-        """The start of a drain: /readyz turns 503, new calls and jobs get 503 `draining`, and the job
-        runner claims no more jobs (queued ones stay in the store for the next start)."""
+        """The start of a drain: /readyz turns 503, new calls and jobs get 503 `draining`, the job runner
+        claims no more jobs (queued ones stay in the store for the next start), and the `on_drain`
+        hooks run (the dashboard's event streams end)."""
         self.draining = True
         if self.jobs is not None:
             self.jobs.stop_claiming()
+        for hook in self.on_drain:
+            hook()
 
 
 SERVICE = web.AppKey("service", Service)

@@ -156,6 +156,7 @@ class Executor(cf.Executor):
 
     def __init__(self) -> None:
         self.restarts: Counter[str] = Counter()  # worker restarts by reason (crashed, timeout, ...)
+        self.slot_restarts: Counter[int] = Counter()  # the same restarts by slot (where a backend has slots)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._closing = False
@@ -274,6 +275,11 @@ class Executor(cf.Executor):
 
     def memory(self) -> dict[int, MemoryUse]:
         """The last memory sample, by pid: each worker's (and the local worker parent's)."""
+        return {}
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU seconds each process has used (user + system), by pid, read with the last memory
+        sample: live in the middle of a task too. Empty when the executor cannot read them."""
         return {}
 
     @property

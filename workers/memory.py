@@ -5,12 +5,15 @@ RSS counts every resident page, shared ones included: a worker forked from a par
 private pages (`private_bytes`: clean + dirty pages no other process maps), and PSS shares each
 shared page among those that map it, so the PSS of every process sums to the memory they use.
 Reading smaps_rollup walks the process's mappings in the kernel (tens of microseconds to a
-millisecond): callers read it off the event loop (`WorkerPool.sample_memory`).
+millisecond): callers read it off the event loop (`WorkerPool.sample_memory`). The same reading
+takes each process's CPU seconds from /proc/PID/stat (user + system, live even in the middle of a
+long task, where the worker table's figure is written only between tasks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -43,10 +46,28 @@ def memory_of(pid: int | str) -> MemoryUse | None:
     return MemoryUse(totals["rss"], totals["pss"], totals["private"])
 
 
-def read_all(pids: list[int]) -> dict[int, MemoryUse]:
-    """The memory of each live process in `pids` (blocking: /proc reads)."""
-    found = {pid: memory_of(pid) for pid in pids}
-    return {pid: use for pid, use in found.items() if use is not None}
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int | str) -> float | None:
+    """CPU seconds (user + system) process `pid` has used, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text.rpartition(b")")[2].split()  # after the command name, which may hold spaces
+    try:
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime: fields 14 and 15 of stat(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def read_all(pids: list[int]) -> tuple[dict[int, MemoryUse], dict[int, float]]:
+    """The memory and the CPU seconds of each live process in `pids` (blocking: /proc reads)."""
+    memory = {pid: use for pid in pids if (use := memory_of(pid)) is not None}
+    cpu = {pid: seconds for pid in memory if (seconds := cpu_of(pid)) is not None}
+    return memory, cpu
 
 
 class MemorySampler:
@@ -57,8 +78,9 @@ class MemorySampler:
     def __init__(self, pids: Callable[[], list[int]]) -> None:
         self._pids = pids
         self.last: dict[int, MemoryUse] = {}
+        self.cpu: dict[int, float] = {}  # CPU seconds, by pid, read with `last`
         self._at = -1e9
-        self._reading: asyncio.Future[dict[int, MemoryUse]] | None = None
+        self._reading: asyncio.Future[tuple[dict[int, MemoryUse], dict[int, float]]] | None = None
 
     async def sample(self, max_age: float = 1.0) -> None:
         pids = self._pids()
@@ -68,7 +90,7 @@ class MemorySampler:
             self._reading = asyncio.get_running_loop().run_in_executor(None, read_all, pids)
         reading = self._reading
         try:
-            self.last = await asyncio.shield(reading)
+            self.last, self.cpu = await asyncio.shield(reading)
             self._at = time.monotonic()
         finally:
             if self._reading is reading and reading.done():

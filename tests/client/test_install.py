@@ -65,6 +65,8 @@ def test_the_wheel_requires_httpx_alone_and_the_server_only_with_its_extra(wheel
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     assert "procbridge/__init__.py" in names and "procbridge/client.py" in names and "procbridge/aio.py" in names
+    # The dashboard's files are package data: the image installs the wheel, and serves the page from it.
+    assert "service/dashboard/static/index.html" in names
 
 
 def closure(roots: list[Requirement]) -> set[str]:

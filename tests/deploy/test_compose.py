@@ -42,6 +42,8 @@ IMAGE_VENV = "/opt/venv"
 NOT_RUN_HERE = {
     "lb": ("http://127.0.0.1:8080/healthz", "nginx:1.27-alpine (its `resolve` upstreams need nginx >= 1.27.3)"),
     "prometheus": ("http://127.0.0.1:9090/-/healthy", "prom/prometheus (no Prometheus binary here)"),
+    "grafana": ("http://127.0.0.1:3000/api/health", "grafana/grafana (no Grafana binary here; "
+                "tests/deploy/test_grafana.py checks its provisioning and dashboard)"),
 }
 
 
@@ -128,8 +130,11 @@ def test_the_health_check_of_a_service_not_run_here_asks_the_port_its_config_lis
     assert test[-1] == url, test
     if name == "lb":
         assert re.search(r"^\s*listen 8080;", (ROOT / "deploy" / "nginx.conf").read_text(), re.M)
+    elif name == "grafana":  # Grafana listens on 3000 unless GF_SERVER_HTTP_PORT says otherwise
+        assert "GF_SERVER_HTTP_PORT" not in (merged()[name].get("environment") or {})
+        assert [p["target"] for p in merged()[name]["ports"]] == [3000]
     else:  # Prometheus listens on 9090 unless --web.listen-address says otherwise
-        assert not any("listen-address" in arg for arg in merged()[name].get("command", []))
+        assert not any("listen-address" in arg for arg in merged()[name].get("command") or [])
 
 
 # -- running the services' own processes -----------------------------------------------------------

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import pickle
+from collections.abc import Callable
+from types import FunctionType
 from typing import Any, Protocol
 
 from workers.executor import ProgressCallback
@@ -20,6 +23,8 @@ from workers.protocol import CHUNK_CALLS
 from workers.shm import Lease
 
 Waiter = asyncio.Future[Any] | cf.Future[Any]
+
+_FUNCTIONS_KEPT = 256  # plain functions whose pickle `pickled_call` keeps
 
 
 class Holder(Protocol):
@@ -111,3 +116,17 @@ def drop_leases(leases: list[Lease]) -> None:
     for lease in leases:
         lease.release()
     leases.clear()
+
+
+def pickled_call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], kept: dict[Callable[..., Any], bytes]
+) -> bytes:
+    """The payload of a `submit()` call (CALL_FUNCTION): the function's pickle, its arguments.
+    A plain function pickles as its name, the same every time: its pickle is kept in `kept` (up
+    to a bound). Raises whatever pickling raises (a lambda, a lock)."""
+    fn_blob = kept.get(fn) if type(fn) is FunctionType else None
+    if fn_blob is None:
+        fn_blob = pickle.dumps(fn, protocol=5)
+        if type(fn) is FunctionType and len(kept) < _FUNCTIONS_KEPT:
+            kept[fn] = fn_blob
+    return pickle.dumps((fn_blob, args, kwargs), protocol=5)

@@ -27,19 +27,17 @@ import concurrent.futures as cf
 import contextlib
 import itertools
 import logging
-import pickle
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FunctionType
 from typing import Any
 
 from workers import framing, protocol, registry
 from workers.errors import Overloaded, PoolClosed, TaskFailed
 from workers.executor import PLAIN_CALL, CallOptions, Executor, ItemStream, Outcome
 from workers.local.broker import Broker
-from workers.local.calls import Call, claim, drop, drop_leases, settle
+from workers.local.calls import Call, claim, drop, drop_leases, pickled_call, settle
 from workers.local.frames import ControlHandler, FrameHandlers, ResultHandler
 from workers.local.handle import WorkerHandle
 from workers.local.loop_future import LoopFuture
@@ -57,7 +55,6 @@ log = logging.getLogger("procbridge.pool")
 _TICK = 0.05  # supervision period: timeouts are enforced within this of their deadline
 _SHORT = 0.002  # calls whose task averages under this may be pipelined behind another
 _TINY = 0.00005  # calls whose task averages under this join a frame already leaving, idle workers or not
-_FUNCTIONS_KEPT = 256  # plain functions whose pickle submit() keeps
 _VALUES = frozenset((RESULT_VALUE, RESULT_JSON))  # the statuses of a plain value, settled on the hot path
 
 
@@ -81,10 +78,10 @@ class WorkerPool(Executor):
         self._flush_handle: asyncio.Handle | None = None
         self._ids = itertools.count(1)
         self._averages: dict[str, float] = {}  # task name -> moving average of its run time (s)
-        self._functions: dict[Callable[..., Any], bytes] = {}  # submit(): plain functions, pickled once
+        self._functions: dict[Callable[..., Any], bytes] = {}  # submit(): plain functions, pickled once (calls.py)
         self._supervisor = Supervisor(
-            state, restarts=self.restarts, read=self._on_readable, requeue=self._requeue,
-            background=self._run_background,
+            state, restarts=self.restarts, slot_restarts=self.slot_restarts, read=self._on_readable,
+            requeue=self._requeue, background=self._run_background,
         )
         self._broker: Broker | None = None  # None: large payloads go through the sockets
         self._controls: dict[int, ControlHandler] = {}
@@ -226,12 +223,7 @@ class WorkerPool(Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         try:
-            fn_blob = self._functions.get(fn) if type(fn) is FunctionType else None
-            if fn_blob is None:
-                fn_blob = pickle.dumps(fn, protocol=5)
-                if type(fn) is FunctionType and len(self._functions) < _FUNCTIONS_KEPT:
-                    self._functions[fn] = fn_blob  # a plain function pickles as its name: the same every time
-            blob = pickle.dumps((fn_blob, args, kwargs), protocol=5)
+            blob = pickled_call(fn, args, kwargs, self._functions)
         except Exception as exc:  # noqa: BLE001 - a lambda, a lock...: this call fails, nothing else
             future.set_exception(TaskFailed(type(exc).__name__, f"the call cannot be sent to a worker: {exc}"))
             return future
@@ -285,6 +277,9 @@ class WorkerPool(Executor):
 
     def memory(self) -> dict[int, MemoryUse]:
         return self._memory.last
+
+    def cpu_seconds(self) -> dict[int, float]:
+        return self._memory.cpu
 
     @property
     def replacing(self) -> int:

@@ -24,10 +24,10 @@
   workers within 10 s meet an exponential back-off (logged) instead of a restart spin.
 
 Interface: the supervisor writes `PoolState.table`, `.workers` and `.replacing` and unparks workers
-it kills or loses; from the pool it is given, at construction, the executor's `restarts` counter,
-`read(w)` (the pool's socket read callback), `requeue(calls)` (calls a dead worker never started:
-back to the front of the queue, then handed out), `background(coro)` (the executor's background
-runner) and the output relay. The pool calls `start`, `on_ready`, `on_start_failed`, `retiring`,
+it kills or loses; from the pool it is given, at construction, the executor's `restarts` counters
+(by reason, and by slot), `read(w)` (the pool's socket read callback), `requeue(calls)` (calls a dead
+worker never started: back to the front of the queue, then handed out), `background(coro)` (the
+executor's background runner) and the output relay. The pool calls `start`, `on_ready`, `on_start_failed`, `retiring`,
 `kill`, `running_call`, `tick` and `stop`.
 """
 
@@ -71,12 +71,14 @@ class Supervisor:
         state: PoolState,
         *,
         restarts: Counter[str],
+        slot_restarts: Counter[int],
         read: Callable[[WorkerHandle], None],
         requeue: Callable[[list[Call]], None],
         background: Callable[[Coroutine[Any, Any, Any]], None],
     ) -> None:
         self._state = state
         self._restarts = restarts
+        self._slot_restarts = slot_restarts
         self._read = read
         self._requeue = requeue
         self._background = background
@@ -246,6 +248,7 @@ class Supervisor:
                 self.start_error = f"a worker died while starting ({describe_exit(exitcode)})"
                 log.error("worker %d died while starting (%s)", w.pid, describe_exit(exitcode))
         self._restarts[reason] += 1
+        self._slot_restarts[w.slot] += 1
         w.proc.close()
         self._requeue(requeue)
         if not self.closed:
