@@ -137,8 +137,7 @@
   function renderCharts(calls) {
     ensureCharts();
     if (!charts.calls) return;
-    // The second the snapshot was taken in is still counting: drawn, it would always dip.
-    const rows = (Array.isArray(calls.series) ? calls.series : []).filter((row) => row[0] < Math.floor(lastAt));
+    const rows = Array.isArray(calls.series) ? calls.series : []; // finished seconds only, oldest first
     const first = rows.find((row) => row[1] > 0); // a zero-filled window: zoom to where the calls are
     firstT = first ? first[0] : null;
     const xs = [], n = [], p50 = [], p99 = [];
