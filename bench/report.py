@@ -1,9 +1,9 @@
 """The benchmark's report: comparison plots (PNG) and docs/benchmarks.md, from the results dict.
 
-Two sections of an existing report are written by hand from other scripts' runs and carried over
+Three sections of an existing report are written by hand from other scripts' runs and carried over
 verbatim (each up to the next `## ` heading), in this order, when the file is regenerated:
-"## Shared-memory payloads" (scripts/shm_bench.py) and "## Worker state: preload, memory,
-replacement" (scripts/worker_state_bench.py).
+"## Shared-memory payloads" (scripts/shm_bench.py), "## Worker state: preload, memory,
+replacement" (scripts/worker_state_bench.py) and "## Dashboard cost" (scripts/dashboard_cost.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SHM_HEADING = "## Shared-memory payloads"
 WORKER_STATE_HEADING = "## Worker state: preload, memory, replacement"
-KEPT_HEADINGS = (SHM_HEADING, WORKER_STATE_HEADING)  # hand-written sections carried over, in this order
+DASHBOARD_HEADING = "## Dashboard cost"
+KEPT_HEADINGS = (SHM_HEADING, WORKER_STATE_HEADING, DASHBOARD_HEADING)  # hand-written, carried over in this order
 LABELS = {
     "naive": "naive (aiohttp, inline)",
     "stdlib": "stdlib (aiohttp + ProcessPoolExecutor)",
@@ -294,7 +295,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
 
     lines.extend(batch.section(r.get("batching")))
 
-    # -- hand-written: shm, worker state --
+    # -- hand-written: shm, worker state, dashboard --
     for heading in KEPT_HEADINGS:
         section = existing_section(old, heading)
         if section:
