@@ -165,7 +165,7 @@ async def job_runner(app: web.Application) -> AsyncIterator[None]:
     assert store is not None and executor is not None  # opened by the contexts before this one
     # The sender starts even without --webhook-allow: deliveries left pending by an earlier run are
     # then given up (the URL is checked again) instead of keeping their jobs from expiring.
-    sender = WebhookSender.from_config(store, config, metrics=service.metrics.webhooks)
+    sender = WebhookSender.from_config(store, config, metrics=service.metrics.webhooks, policy=service.webhook_policy)
     runner = JobRunner(
         store, executor, service.catalog, JobEvents(store),
         concurrency=config.job_concurrency, ttl=config.job_ttl, lease=config.job_lease,

@@ -110,23 +110,15 @@ class JobEvents:
     async def flush(self, job_id: str) -> None:
         """Write the run's events not yet in the store (the runner calls it every RENEW_EVERY and before a
         job leaves the run: final, queued for a retry, or stopped by a shutdown)."""
-        log = self.logs.get(job_id)
-        if log is None:
-            return
-        start, pending = log.flushed, log.unflushed()
-        if not pending:
-            return
-        log.flushed = len(log.events)  # counted as written from now: a progress added meanwhile is appended
-        try:
-            await self.store.append_events(job_id, pending)
-        except BaseException:
-            log.flushed = min(log.flushed, start)
-            raise
+        with self.writing(job_id) as pending:
+            if pending:
+                await self.store.append_events(job_id, pending)
 
     @contextlib.contextmanager
     def writing(self, job_id: str) -> Iterator[list[LoggedEvent]]:
-        """The run's events not yet in the store, for a store call that writes them with something else
-        (the final state: one write): counted as written inside the block, not if it raises."""
+        """The run's events not yet in the store, for the store call that writes them (alone, or with the
+        final state in one write): counted as written from the block's start (a progress event added
+        meanwhile is then appended, not put in place of one being written), and not if the block raises."""
         log = self.logs.get(job_id)
         if log is None:
             yield []

@@ -178,10 +178,12 @@ class WebhookSender:
         self._closed = False
 
     @classmethod
-    def from_config(cls, store: JobStore, config: Config, metrics: WebhookDeliveries | None = None) -> WebhookSender:
+    def from_config(cls, store: JobStore, config: Config, metrics: WebhookDeliveries | None = None,
+                    policy: WebhookPolicy | None = None) -> WebhookSender:
+        """`policy`: the one submits are checked against (the app's), so both ends use the same."""
         secret = config.webhook_secret.encode() if config.webhook_secret is not None else None
-        return cls(store, WebhookPolicy.from_config(config), secret=secret, timeout=config.webhook_timeout,
-                   metrics=metrics)
+        return cls(store, policy if policy is not None else WebhookPolicy.from_config(config), secret=secret,
+                   timeout=config.webhook_timeout, metrics=metrics)
 
     async def start(self) -> None:
         if self.policy.allow and self.secret is None:
