@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -36,7 +36,7 @@ from service.jobs.events import JobEvents
 from service.jobs.runner import JobRunner
 from service.jobs.store import open_store
 from service.jobs.webhooks import WebhookSender
-from service.metrics import Metrics, RejectedRequests
+from service.metrics import Metrics
 from service.problems import problem_middleware
 from service.rate_limit import rate_limit_middleware
 from service.state import SERVICE, Service
@@ -50,16 +50,20 @@ log = logging.getLogger("procbridge")
 
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, core: bool = False) -> web.Application:
     """Build the app. Task modules are imported here (so a bad module fails before anything starts);
-    the resources open when the app starts (aiohttp's runner.setup()) and close at its cleanup."""
+    the resources open when the app starts (aiohttp's runner.setup()) and close at its cleanup.
+
+    `core`: the app of the core behind serving processes (`--http-processes N`, service/serving.py),
+    reached only over its private Unix socket: the serving processes are the edge (keys, rate,
+    CORS, the access log: service/front.py), so it checks none of them again."""
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
-    if config.access_log != "off":
+    if config.access_log != "off" and not core:
         service.access_log = AccessLogSink(config.access_log)
         service.access_log.with_keys = bool(config.api_keys)
     app = web.Application(client_max_size=config.max_body + 1)
-    app.middlewares.extend(_middlewares(service, app))  # after the app: CORS adds a signal to it
+    app.middlewares.extend(_middlewares(service, app, edge=not core))  # after the app: CORS adds a signal to it
     app[SERVICE] = service
     task_handlers.setup(app)
     map_handler.setup(app)
@@ -70,17 +74,25 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-def _middlewares(service: Service, app: web.Application) -> list[Middleware]:
+def _middlewares(service: Service, app: web.Application, *, edge: bool = True) -> list[Middleware]:
     """Middlewares only for what is configured, so the default path pays nothing: errors outermost
-    (a 401 or 429 is a problem like any other), then CORS preflights (answered without a key or a
-    token of the rate), then keys, then the rate (per key, so after keys)."""
+    (a 401 or 429 is a problem like any other), then, at the edge, CORS preflights (answered without
+    a key or a token of the rate), then keys, then the rate (per key, so after keys)."""
+    service.metrics.registry.register(service.rejected)
+    service.metrics.registry.register(GatesCollector(service.gates))  # procbridge_task_waiting{task}
+    return [problem_middleware, *(edge_middlewares(service, app) if edge else ())]
+
+
+def edge_middlewares(
+    service: Service, app: web.Application, take: Callable[[str], Awaitable[float]] | None = None
+) -> list[Middleware]:
+    """CORS, keys and the rate, as configured; `take`: spend rate tokens elsewhere (a serving
+    process spends the core's, so the limit is the whole service's: service/front.py)."""
     config = service.config
-    middlewares: list[Middleware] = [problem_middleware]
+    rejected = service.rejected
+    middlewares: list[Middleware] = []
     if config.cors_origins:
         middlewares.append(CorsPolicy(config.cors_origins).install(app))
-    rejected = RejectedRequests()
-    service.metrics.registry.register(rejected)
-    service.metrics.registry.register(GatesCollector(service.gates))  # procbridge_task_waiting{task}
     if config.api_keys:
         # Refused keys are audited on the access-log stream, or on stderr when that is off.
         audit = service.audit = AuditLog(service.access_log or AccessLogSink(STDERR))
@@ -91,7 +103,7 @@ def _middlewares(service: Service, app: web.Application) -> list[Middleware]:
 
         middlewares.append(auth_middleware(KeyRing(config.api_keys), on_reject))
     if config.rate_limit is not None:
-        middlewares.append(rate_limit_middleware(config.rate_limit, on_limited=rejected.rate_limited))
+        middlewares.append(rate_limit_middleware(config.rate_limit, on_limited=rejected.rate_limited, take=take))
     return middlewares
 
 

@@ -23,14 +23,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         from service import config as config_module
-        from service.server import run
+        from service.server import Server, run
+        from service.serving import CoreServer
 
         try:
             config = config_module.load(rest)
         except config_module.ConfigError as exc:
             print(f"procbridge: bad setting: {exc}", file=sys.stderr)
             return 2
-        return run(config)
+        # With --http-processes N ≥ 2 this process is the core and N serving processes accept calls.
+        return run(config, CoreServer if config.http_processes > 1 else Server)
     if command == "loadtest":
         try:
             from bench import loadtest_cli

@@ -44,6 +44,7 @@ class Config:
     store: str = field_default("store")
     executor: str = field_default("executor")
     api_keys: tuple[str, ...] = field_default("api_keys")
+    http_processes: int = field_default("http_processes")
     cors_origins: tuple[str, ...] = field_default("cors_origins")
     rate_limit: RateLimit | None = field_default("rate_limit")  # noqa: RUF009 (None; RateLimit is frozen)
     shutdown_grace: float = field_default("shutdown_grace")

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.openapi import build_openapi
 from service.responses import JSON_TYPE, json_response
-from service.state import SERVICE
+from service.state import SERVICE, Service
 from workers.memory import MemoryUse
 from workers.stats import BUSY, IDLE, STATE_NAMES
 
@@ -39,6 +39,8 @@ async def readyz(request: web.Request) -> web.Response:
         if problem is not None:
             return _not_ready("worker-start-failed", alive, {**extra, "detail": problem})
         return _not_ready("no-workers" if executor.started else "starting", alive, extra)
+    if service.serving is not None and not service.serving.listening:  # --http-processes: until all listen
+        return _not_ready("starting", alive, extra)
     return json_response({"status": "ready", "workers_alive": alive, **extra})
 
 
@@ -70,7 +72,7 @@ async def workers(request: web.Request) -> web.Response:
         return json_response({"size": 0, "workers": []})
     described = executor.describe_workers()
     if described is not None:
-        return json_response({"size": executor.size, "workers": described})
+        return json_response({"size": executor.size, "workers": described, **_serving(service)})
     await executor.sample_memory()
     memory = executor.memory()
     rows = executor.rows()
@@ -87,11 +89,19 @@ async def workers(request: web.Request) -> web.Response:
         }
         for row in rows
     ]
-    body: dict[str, object] = {"size": executor.size, "workers": listing}
+    body: dict[str, object] = {"size": executor.size, "workers": listing, **_serving(service)}
     parent = executor.parent_pid
     if parent is not None:
         body["parent"] = {"pid": parent, **_memory_fields(memory.get(parent))}
     return json_response(body)
+
+
+def _serving(service: Service) -> dict[str, object]:
+    """With --http-processes N ≥ 2: the serving processes (their pids now, and how many were replaced)."""
+    serving = service.serving
+    if serving is None:
+        return {}
+    return {"http_processes": {"count": serving.count, "pids": serving.pids(), "restarts": serving.restarts}}
 
 
 def _memory_fields(use: MemoryUse | None) -> dict[str, int | None]:

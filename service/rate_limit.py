@@ -22,7 +22,7 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -103,13 +103,17 @@ def client_bucket(remote: str | None) -> str:
 
 
 def rate_limit_middleware(
-    limit: RateLimit, buckets: TokenBuckets | None = None, on_limited: Callable[[], None] | None = None
+    limit: RateLimit,
+    buckets: TokenBuckets | None = None,
+    on_limited: Callable[[], None] | None = None,
+    take: Callable[[str], Awaitable[float]] | None = None,
 ) -> Middleware:
     """The middleware spending one token per request to anything but the open paths (auth.py); with keys,
     from the key's bucket (set by the auth middleware, which runs first), else from the address's.
-    `on_limited` is called for each refusal (the metrics count them)."""
-    buckets = buckets if buckets is not None else TokenBuckets(limit)
-    take = buckets.take
+    `on_limited` is called for each refusal (the metrics count them). `take`: spend the tokens
+    elsewhere instead of in `buckets` (a serving process asks the core, which holds the buckets of
+    the whole service: service/relay_calls.py)."""
+    local = (buckets if buckets is not None else TokenBuckets(limit)).take
     what = f"{limit.requests:g} per {limit.per_seconds:g} s"
 
     @web.middleware
@@ -117,7 +121,8 @@ def rate_limit_middleware(
         if is_open(request.path):
             return await handler(request)
         kid = request.get(KEY_ID)
-        wait = take(kid if kid is not None else client_bucket(request.remote))
+        name = kid if kid is not None else client_bucket(request.remote)
+        wait = local(name) if take is None else await take(name)
         if wait:
             retry_after = max(1, math.ceil(wait))
             if on_limited is not None:

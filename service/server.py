@@ -30,6 +30,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
@@ -55,7 +56,7 @@ class Server:
 
     async def run(self) -> None:
         self._take_signals()
-        app = create_app(self.config)  # task modules imported, nothing opened yet
+        app = self._make_app()  # task modules imported, nothing opened yet
         # GuardedAppRunner: aiohttp's AppRunner with problem+json for unparseable requests, a deadline for
         # request heads and connection caps (service/http_protocol.py, which holds every limit).
         runner = GuardedAppRunner(
@@ -75,6 +76,9 @@ class Server:
             await self._close(runner)
         if self.exit_code == 0:
             log.info("procbridge stopped")
+
+    def _make_app(self) -> web.Application:
+        return create_app(self.config)
 
     def _take_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,8 +157,8 @@ async def _drain_executor(service: Service, grace: float) -> None:
     await executor.drain(max(0.0, grace - (time.monotonic() - began)))
 
 
-async def serve(config: Config) -> int:
-    server = Server(config)
+async def serve(config: Config, server_class: Callable[[Config], Server] = Server) -> int:
+    server = server_class(config)
     await server.run()
     return server.exit_code
 
@@ -166,14 +170,16 @@ def _loopback(address: str) -> bool:
         return False
 
 
-def run(config: Config) -> int:
+def run(config: Config, server_class: Callable[[Config], Server] = Server) -> int:
+    """Run the service to its end; the exit code. `server_class`: CoreServer with --http-processes
+    N ≥ 2 (service/serving.py), FrontServer in each serving process (service/front.py)."""
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        code = uvloop.run(serve(config))
+        code = uvloop.run(serve(config, server_class))
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
         return 1

@@ -92,6 +92,9 @@ SETTINGS: tuple[Setting, ...] = (
             "comma-separated keys or `@FILE` (one per line, `#` comments): every `/v1/` request then needs "
             "`Authorization: Bearer <key>` (401 otherwise); `/healthz`, `/readyz`, `/metrics`, `/openapi.json` "
             "and the dashboard's page stay open ([docs/security.md](docs/security.md))", shown="no auth", secret=True),
+    Setting("--http-processes", "PROCBRIDGE_HTTP_PROCESSES", c.positive_int, 1,
+            "serving processes, each with its own event loop, accepting on the one port; every worker "
+            "serves all of them (docs/architecture.md, \"Several serving processes\")"),
     Setting("--cors-origins", "PROCBRIDGE_CORS_ORIGINS", c.cors_origins, (),
             "comma-separated origins whose pages may call the API from a browser (`https://app.example.com`); "
             "`*`: any origin, no credentials (cookies are never used: pages send the API key themselves). "

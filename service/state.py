@@ -20,9 +20,10 @@ from service.config import Config
 from service.jobs.runner import JobRunner
 from service.jobs.store.base import JobStore
 from service.jobs.webhooks import WebhookPolicy
-from service.metrics import Metrics
+from service.metrics import Metrics, RejectedRequests
 from service.validation import TaskCatalog
 from workers.executor import Executor
+from workers.serving import ServingProcesses
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Service:
     gates: TaskGates = field(init=False)  # @task(concurrency=N): service/concurrency.py
     webhook_policy: WebhookPolicy = field(init=False)  # which webhook hosts a job may name
     on_drain: list[Callable[[], None]] = field(default_factory=list)  # called when a drain starts (dashboard streams)
+    rejected: RejectedRequests = field(default_factory=RejectedRequests)  # 401s and 429s, for /metrics
+    serving: ServingProcesses | None = None  # --http-processes N ≥ 2: the serving processes (service/serving.py)
 
     def __post_init__(self) -> None:
         limits = ((e.name, e.spec.concurrency) for e in self.catalog if e.spec.concurrency is not None)
@@ -66,7 +69,9 @@ class Service:
     def stop_taking_work(self) -> None:
         """The start of a drain: /readyz turns 503, new calls and jobs get 503 `draining`, the job runner
         claims no more jobs (queued ones stay in the store for the next start), and the `on_drain`
-        hooks run (the dashboard's event streams end)."""
+        hooks run (the dashboard's event streams end). Once: a second call does nothing."""
+        if self.draining:
+            return
         self.draining = True
         if self.jobs is not None:
             self.jobs.stop_claiming()

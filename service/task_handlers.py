@@ -10,6 +10,7 @@ buffer, and how a worker sees it, is the executor's business.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -35,14 +36,23 @@ def setup(app: web.Application) -> None:
     expect = expect_continue(service.config.max_body)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{name}", get_task)
+    add_call_routes(app, expect)
+    app.router.add_post("/v1/tasks/{name}", task_caller(None), expect_handler=expect)
+
+
+def add_call_routes(
+    app: web.Application, expect: Callable[[web.Request], Awaitable[web.StreamResponse | None]], *, streams: bool = True
+) -> None:
+    """POST /v1/tasks/<name> for each task (without generator tasks when `streams` is False: a
+    serving process passes those on to the core, service/front.py)."""
+    service = app[SERVICE]
     # One plain route per task: aiohttp finds a plain path with one dict lookup, where the {name}
     # pattern costs a failed match against /v1/tasks, a regex match and a match-info dict on every
     # call (~3.5 µs of loop CPU per call, measured with wrk: docs/architecture.md, "Performance notes").
     # The pattern stays, for names no task has (404) and names that are not plain ASCII.
     for entry in service.catalog:
-        if entry.name.isascii():
+        if entry.name.isascii() and (streams or not entry.spec.streams):
             app.router.add_post(f"/v1/tasks/{entry.name}", task_caller(entry), expect_handler=expect)
-    app.router.add_post("/v1/tasks/{name}", task_caller(None), expect_handler=expect)
 
 
 async def list_tasks(request: web.Request) -> web.Response:

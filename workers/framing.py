@@ -88,6 +88,28 @@ class FrameReader:
                 return out, False
         return out, False
 
+    def feed(self, data: bytes) -> list[Any]:
+        """The frames completed by `data`, bytes an asyncio protocol was handed (`data_received`)."""
+        out: list[Any] = []
+        view = memoryview(data)
+        while view:
+            big = self._big
+            if big is None:
+                if self._buf:
+                    self._buf += view
+                    self._parse(out)
+                else:
+                    self._parse_chunk(view, out)
+                break
+            n = min(len(view), len(big) - self._got)
+            big[self._got : self._got + n] = view[:n]
+            self._got += n
+            view = view[n:]
+            if self._got == len(big):
+                out.append(_loads(big))
+                self._big = None
+        return out
+
     def _parse_chunk(self, chunk: memoryview, out: list[Any]) -> None:
         """Frames from a freshly received chunk, with nothing buffered before it (the common case:
         whole frames, decoded straight from the read buffer without copying them)."""

@@ -28,6 +28,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "task_timeout": ("2.5", 2.5), "max_body": ("1KiB", 1024), "tasks": ("a.b,c", ("a.b", "c")),
     "store": ("redis://h:6379/0", "redis://h:6379/0"), "executor": ("dask://s:8786", "dask://s:8786"),
     "api_keys": ("k1,k2", ("k1", "k2")), "rate_limit": ("20/s", converters.RateLimit(20, 1)),
+    "http_processes": ("3", 3),
     "cors_origins": ("https://a.example, HTTPS://B.example:443", ("https://a.example", "https://b.example")),
     "shutdown_grace": ("0", 0.0), "worker_start_timeout": ("90", 90.0),
     "max_tasks_per_worker": ("5", 5), "max_worker_memory": ("1MiB", 2**20),
