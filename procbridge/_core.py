@@ -98,7 +98,7 @@ def job_path(job_id: str) -> str:
 
 def _default(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
-        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}  # API.md: bytes in JSON
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}  # docs/api.md: bytes in JSON
     if isinstance(value, tuple | set | frozenset):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON-able")
@@ -179,7 +179,7 @@ def submit_request(task: str, args: dict[str, Any], idempotency_key: str | None,
                    delay: float | None, timeout: float | None, *, run_at: float | None = None,
                    retries: int | None = None, webhook: str | None = None) -> tuple[Request, dict[str, str]]:
     """POST /v1/jobs; each option goes in the body only when given, so the service's own default holds
-    (API.md "Jobs, further": priority 0, at once, the task's retries, no webhook)."""
+    (docs/api.md "Jobs": priority 0, at once, the task's retries, no webhook)."""
     if delay is not None and run_at is not None:
         raise ValueError("give delay (seconds from now) or run_at (epoch seconds), not both")
     body: dict[str, Any] = {"task": task, "args": args}

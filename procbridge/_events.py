@@ -76,7 +76,7 @@ LAST_EVENT_ID = "end-2"  # the id of a job stream's last event (its result or er
 class StreamResume:
     """Where a job's event stream is, and when to open it again after it broke.
 
-    Every event the service sends has an id (API.md "Jobs, further"); a request with `Last-Event-ID`
+    Every event the service sends has an id (docs/api.md "Jobs"); a request with `Last-Event-ID`
     gets exactly the events after that one. So when the connection breaks (a transport error), or the
     answer ends before the final `result` or `error` event, the stream is opened again with the id of
     the last event the caller got, and the caller sees each event once. A GET runs nothing twice, so

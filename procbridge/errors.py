@@ -1,7 +1,7 @@
 """The errors a procbridge client raises: one family, so `except procbridge.ProcbridgeError` catches
 everything the client can fail with, and never an exception of the HTTP library underneath.
 
-- `ProblemError`: the service answered with an RFC 9457 problem document (API.md, "HTTP API"). One
+- `ProblemError`: the service answered with an RFC 9457 problem document (docs/api.md, "Errors"). One
   subclass per slug, named after it in CamelCase (`invalid-arguments` -> `InvalidArguments`);
   `problem_error(doc)` picks the class. A slug this client does not know gives a plain `ProblemError`.
 - `ServiceUnreachable`: no answer at all (connection refused, reset, the server went away mid-answer).
@@ -73,7 +73,7 @@ def _camel(slug: str) -> str:
     return "".join(part.capitalize() for part in slug.split("-"))
 
 
-# Every slug the service answers with (service/problems.py); API.md's table first.
+# Every slug the service answers with (service/problems.py); docs/api.md's table first.
 SLUGS = (
     "invalid-json", "unauthorized", "unknown-task", "unknown-job", "job-finished", "payload-too-large",
     "unsupported-media-type", "invalid-arguments", "rate-limited", "task-failed", "worker-crashed",

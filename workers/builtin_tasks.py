@@ -1,4 +1,4 @@
-"""The built-in tasks of API.md: small, real CPU work used by the docs, the tests and the benchmarks.
+"""The built-in tasks of docs/api.md: small, real CPU work used by the docs, the tests and the benchmarks.
 
 `primes` and `burn` are pure Python and hold the GIL the whole time (the case a thread pool cannot
 help with); `sha256` takes a binary body; `mandelbrot` answers with a PNG image.

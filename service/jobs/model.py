@@ -81,7 +81,7 @@ class Job:
         return self.status in FINAL
 
     def public(self) -> dict[str, Any]:
-        """The job as the API shows it (API.md): no internal bookkeeping, no raw bytes."""
+        """The job as the API shows it (docs/api.md): no internal bookkeeping, no raw bytes."""
         out: dict[str, Any] = {
             "id": self.id,
             "task": self.task,

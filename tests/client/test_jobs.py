@@ -1,4 +1,4 @@
-"""Jobs, further (API.md; the service since issue 19) from the client, against a real server: `submit`'s
+"""Jobs, further (docs/api.md "Jobs"; the service since issue 19) from the client, against a real server: `submit`'s
 options in the job document, `iter_jobs` page by page, and job event streams that go on after their
 connection is cut for real (tests/support/tcp_proxy.py between the client and the server: the client's
 socket sees the server go away mid-answer) with each event exactly once, the same as an uncut read.
@@ -56,7 +56,7 @@ def test_submit_options_are_sent_when_given_and_show_in_the_job_document(pb: Cli
 
         with pytest.raises(ValueError, match="not both"):
             via.submit("echo", delay=1, run_at=at)
-        # Unset --webhook-allow: the service refuses every webhook (API.md: 422), naming the field
+        # Unset --webhook-allow: the service refuses every webhook (docs/api.md: 422), naming the field
         with pytest.raises(procbridge.InvalidArguments) as refused:
             via.submit("echo", value=3, webhook="http://127.0.0.1:9/hook")
         assert "--webhook-allow" in refused.value.detail

@@ -1,6 +1,6 @@
-"""Every error path of API.md that exists so far, with the real bytes on the wire (http.client or a
-raw socket, so nothing in between tidies a malformed request up), each answered as problem+json; and
-after the barrage, the same server and its workers still answer."""
+"""Every error path of docs/api.md, with the real bytes on the wire (http.client or a raw socket, so
+nothing in between tidies a malformed request up), each answered as problem+json; and a server that
+takes a barrage of all of them still answers with the same workers."""
 
 from __future__ import annotations
 
@@ -488,25 +488,42 @@ def test_a_full_admission_queue_is_503_overloaded(pool_server):
 # -- after all of it ------------------------------------------------------------------------------
 
 
-def test_the_server_and_its_workers_survived_the_barrage(server):
-    # Module-scoped server: this runs after every test above has thrown its bad requests at it.
-    pids = {w["pid"] for w in worker_table(server)}
-    assert len(pids) == 2
-    assert http("GET", server.url + "/healthz").json() == {"status": "ok"}
-    assert http("GET", server.url + "/readyz").status == 200
-    for n, count in ((10, 4), (1000, 168)):
-        reply = post_json(server.url + "/v1/tasks/primes", {"limit": n})
-        assert reply.status == 200, reply.body
-        assert reply.json()["result"] == count
-        assert reply.json()["worker"] in pids
-    assert post_json(server.url + "/v1/tasks/shaped", {"items": [1, 2, 3], "mode": "slow"}).json()["result"] == 3
-    # No worker was ever replaced: every failure above was contained in the call that caused it.
-    metrics = http("GET", server.url + "/metrics").body.decode()
-    restarts = [
-        s.value for f in text_string_to_metric_families(metrics) if f.name == "procbridge_worker_restarts"
-        for s in f.samples
-    ]
-    assert restarts and all(v == 0 for v in restarts)
-    assert server.proc.poll() is None
-    assert server.stop() == 0
-    assert server.leftovers() == []
+def test_the_server_and_its_workers_survive_a_barrage_of_bad_requests(tmp_path_factory):
+    """Self-contained (its own server, its own barrage, whatever ran before): every kind of bad input
+    above, sent in one go, costs no worker, no loop and no later call."""
+    with running_server(tmp_path_factory.mktemp("barrage")) as server:
+        pids = {w["pid"] for w in worker_table(server)}
+        assert len(pids) == 2
+        json_headers = {"Content-Type": "application/json"}
+        for body in INVALID_JSON.values():
+            assert raw_post(server, "/v1/tasks/primes", body, json_headers).status == 400
+        for task, args in (("primes", {"limit": "x"}), ("primes", {}), ("nope", {"limit": 1})):
+            assert post_json(f"{server.url}/v1/tasks/{task}", args).status in (404, 422)
+        assert raw_post(server, "/v1/tasks/primes", b"limit=1", {"Content-Type": "text/plain"}).status == 415
+        for task, args in (("fail_custom", {"code": 7}), ("exit_worker", {"code": 3}), ("interrupt", {}),
+                           ("unserialisable", {})):
+            assert post_json(f"{server.url}/v1/tasks/{task}", args).status == 500
+        bad_length = b"POST /v1/tasks/primes HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n"
+        assert raw_exchange(server, bad_length).status == 400
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # garbage, then hang up
+            sock.sendall(b"\x00\xff GARBAGE \r\n\r\n" * 50)
+        # What survived: the same workers, probes, and correct answers.
+        assert {w["pid"] for w in worker_table(server)} == pids
+        assert http("GET", server.url + "/healthz").json() == {"status": "ok"}
+        assert http("GET", server.url + "/readyz").status == 200
+        for n, count in ((10, 4), (1000, 168)):
+            reply = post_json(server.url + "/v1/tasks/primes", {"limit": n})
+            assert reply.status == 200, reply.body
+            assert reply.json()["result"] == count
+            assert reply.json()["worker"] in pids
+        assert post_json(server.url + "/v1/tasks/shaped", {"items": [1, 2, 3], "mode": "slow"}).json()["result"] == 3
+        # No worker was ever replaced: every failure above was contained in the call that caused it.
+        metrics = http("GET", server.url + "/metrics").body.decode()
+        restarts = [
+            s.value for f in text_string_to_metric_families(metrics) if f.name == "procbridge_worker_restarts"
+            for s in f.samples
+        ]
+        assert restarts and all(v == 0 for v in restarts)
+        assert server.proc.poll() is None
+        assert server.stop() == 0
+        assert server.leftovers() == []

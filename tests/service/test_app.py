@@ -1,5 +1,5 @@
 """The HTTP API in-process: `create_app(config)` served by aiohttp's test server on loopback, with the
-real worker pool (started by the app's startup hook). Checks the contract of /work/shared/API.md:
+real worker pool (started by the app's startup hook). Checks the contract of docs/api.md:
 envelopes, binary bodies, problem+json errors, the task list, OpenAPI, readiness and draining,
 admission control, metrics, and that apps are independent of one another."""
 

@@ -42,7 +42,21 @@ SETTINGS = [
      ("a.example", "*.b.example:8443"), ("127.0.0.1:*",)),
     ("--webhook-secret", "PROCBRIDGE_WEBHOOK_SECRET", "webhook_secret", "x" * 16, "y" * 40, "x" * 16, "y" * 40),
     ("--webhook-timeout", "PROCBRIDGE_WEBHOOK_TIMEOUT", "webhook_timeout", "2.5", "30", 2.5, 30.0),
+    ("--http-processes", "PROCBRIDGE_HTTP_PROCESSES", "http_processes", "3", "2", 3, 2),
+    ("--cors-origins", "PROCBRIDGE_CORS_ORIGINS", "cors_origins", "https://a.example", "*", ("https://a.example",),
+     ("*",)),
+    ("--worker-start-timeout", "PROCBRIDGE_WORKER_START_TIMEOUT", "worker_start_timeout", "5", "120", 5.0, 120.0),
+    ("--max-tasks-per-worker", "PROCBRIDGE_MAX_TASKS_PER_WORKER", "max_tasks_per_worker", "100", "7", 100, 7),
+    ("--max-worker-memory", "PROCBRIDGE_MAX_WORKER_MEMORY", "max_worker_memory", "1GiB", "512MiB", 1024 * MIB,
+     512 * MIB),
+    ("--worker-nice", "PROCBRIDGE_WORKER_NICE", "worker_nice", "0", "19", 0, 19),
+    ("--job-concurrency", "PROCBRIDGE_JOB_CONCURRENCY", "job_concurrency", "3", "1", 3, 1),
+    ("--job-ttl", "PROCBRIDGE_JOB_TTL", "job_ttl", "1h", "90", 3600.0, 90.0),
+    ("--max-map-items", "PROCBRIDGE_MAX_MAP_ITEMS", "max_map_items", "10", "20", 10, 20),
+    ("--log-level", "PROCBRIDGE_LOG_LEVEL", "log_level", "debug", "warning", "debug", "warning"),
 ]
+# The two switches (--debug, --cancel-running-on-disconnect) take no value: test_switches_win_over_their_variables.
+SWITCHES = ("debug", "cancel_running_on_disconnect")
 
 
 @pytest.mark.parametrize(("flag", "var", "attr", "flag_value", "env_value", "from_flag", "from_env"), SETTINGS)
@@ -52,16 +66,25 @@ def test_every_flag_has_an_env_var_and_flags_win(flag, var, attr, flag_value, en
     assert getattr(load([flag, flag_value], {var: env_value}), attr) == from_flag
 
 
+def test_the_table_above_covers_every_setting_that_takes_a_value():
+    from service.settings import SETTINGS as TABLE
+
+    assert sorted(row[2] for row in SETTINGS) == sorted(s.name for s in TABLE if not s.switch)
+    assert sorted(SWITCHES) == sorted(s.name for s in TABLE if s.switch)
+
+
+@pytest.mark.parametrize("attr", SWITCHES)
+def test_switches_win_over_their_variables(attr):
+    flag, var = "--" + attr.replace("_", "-"), "PROCBRIDGE_" + attr.upper()
+    assert getattr(load([], {var: "true"}), attr) is True
+    assert getattr(load([], {var: "0"}), attr) is False
+    assert getattr(load([flag], {var: "false"}), attr) is True
+
+
 def test_dask_executor_isolation_option():
     assert load(["--executor", "dask://sched:8786?isolate=thread"], {}).executor == (
         "dask://sched:8786?isolate=thread"
     )
-
-
-def test_boolean_flag_wins_over_env():
-    assert load([], {"PROCBRIDGE_DEBUG": "true"}).debug is True
-    assert load([], {"PROCBRIDGE_DEBUG": "0"}).debug is False
-    assert load(["--debug"], {"PROCBRIDGE_DEBUG": "false"}).debug is True
 
 
 def test_defaults():

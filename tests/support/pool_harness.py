@@ -97,8 +97,9 @@ async def open_pool(
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(pool.prefix)], "the pool left a segment behind"
 
 
-async def whole(pool: WorkerPool, watch: PidWatch, timeout: float = 1.0) -> list[int]:
-    """Wait until every slot has a live, ready worker; return their pids."""
+async def whole(pool: WorkerPool, watch: PidWatch, timeout: float = 15.0) -> list[int]:
+    """Wait until every slot has a live, ready worker; return their pids. (A replacement is promised
+    at once; the deadline is a wide margin for a loaded CI machine, not the promise.)"""
     await wait_until(lambda: pool.alive == pool.size, timeout, f"{pool.size} live workers")
     pids = watch.sample()
     assert all(alive(pid) for pid in pids)

@@ -400,8 +400,14 @@ def _names_starting(prefix: str) -> list[str]:
     return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
 
 
-def test_fault_module_is_importable_in_workers() -> None:
-    assert fault_tasks.__name__ == FAULTS
+async def test_the_fault_tasks_load_in_a_worker_by_their_module_name() -> None:
+    """The harness names the fault module by a string (FAULTS); the worker parent imports it by that
+    name and a worker, another process, runs its task."""
+    async with open_pool(workers=1, modules=(FAULTS,)) as (pool, _):
+        outcome = await pool.call("echo", {"value": [1, "two"]})
+        workers = pool.pids()
+    assert outcome.value == {"value": [1, "two"], "pid": outcome.pid}
+    assert workers == [outcome.pid] and outcome.pid != os.getpid()
 
 
 @on_uvloop
