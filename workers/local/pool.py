@@ -16,9 +16,10 @@ queues without bound. This pool instead:
 
 This module is the path every call takes, kept in one place so a tiny call costs no extra hop:
 admit → give → assign → flush on the way out, read → frame → settle → refill on the way back. The
-rest of the pool sits beside it (the package's docstring draws it): supervisor.py starts, watches, kills and
-replaces the workers; scaling.py grows and shrinks an elastic pool; broker.py moves large payloads through
-shared memory; frames.py handles every message kind but the plain value; state.py is what they share.
+rest of the pool sits beside it (the package's docstring draws it): supervisor.py starts, watches,
+kills and replaces the workers; scaling.py grows and shrinks an elastic pool; broker.py moves large
+payloads through shared memory; frames.py handles every message kind but the plain value; state.py
+is what they share.
 """
 
 from __future__ import annotations
@@ -93,10 +94,7 @@ class WorkerPool(Executor):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        return len(self._state.active)  # an elastic pool's workers now (starting ones included)
-
+    size = property(lambda self: len(self._state.active))  # workers now (an elastic pool's active slots)
     min_size = property(lambda self: self.options.fewest)
     max_size = property(lambda self: self.options.workers)
 

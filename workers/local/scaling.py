@@ -94,7 +94,7 @@ class Scaler:
                 self._seen[slot] = (w.pid, w.done, now)  # it worked (or is new) since the last tick
             elif w.idle and now - seen[2] >= self._idle_for and seen[2] < since_longest:
                 longest, since_longest = w, seen[2]
-        if longest is not None and len(active) > self.fewest:
+        if longest is not None and len(active) > self.fewest and not self._queue:
             self._stop(longest, now)
 
     def _grow_for_waiting(self) -> None:
