@@ -3,16 +3,16 @@
 The pool has a slot per worker it may have (MAX: the worker table has as many rows); the slots in
 `PoolState.active` are the ones it keeps a worker in. The pool starts with MIN of them.
 
-- **Grow** while calls wait: when a call joins the queue (the slow path of the pool's admission:
-  every worker's window was full) and on each tick, if more calls wait than workers are starting,
+- **Grow** while calls wait: when a call joins the queue (the slow path of the pool's admission: no
+  idle worker, no window it may join) and on each tick, if more calls wait than workers are starting,
   free slots are made active, up to MAX, and a worker is forked into each (`Supervisor.grow`, in
   the background; a fork of the worker parent, which loaded the task modules and ran the preloads
   once, so a new worker is ready in milliseconds). The queued calls go to it when it is ready,
   as to a replacement. A pool at MAX pays one length check per queued call; a fixed pool, nothing.
 - **Shrink** after `worker_idle` seconds without work: each tick (every 50 ms) notes, per worker,
   the calls it has finished (`WorkerHandle.done`); a worker parked idle whose count has not changed
-  for `worker_idle` seconds is stopped while more than MIN are active: one per tick, the one idle
-  longest. Stopping it is clean: it is taken off the idle list and marked dying (so it is never
+  for `worker_idle` seconds is stopped while more than MIN are active and no call waits: one per
+  tick, the one idle longest. Stopping it is clean: it is taken off the idle list and marked dying (so it is never
   handed another call), its slot is made inactive, and our end of its socket is shut for writing;
   its loop reads EOF and exits, and the supervisor's `on_exit` frees its table row, its process group
   and its output relay without replacing it or counting a restart. One that has not exited within
