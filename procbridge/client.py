@@ -165,7 +165,7 @@ class Client:
         return list(_field(doc, "tasks", list))
 
     def workers(self) -> dict[str, Any]:
-        """The pool: {"size", "workers": [{"pid", "state", "task", "tasks_done"}, ...], ...}."""
+        """The pool: {"size", "min", "max", "workers": [{"pid", "state", "task", "tasks_done"}, ...], ...}."""
         doc = self._json(Request("GET", "/v1/workers"))
         _field(doc, "workers", list)
         return dict(doc)

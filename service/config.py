@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from service.converters import MIB, RateLimit, parse_rate
+from service.converters import MIB, RateLimit, WorkerRange, parse_rate
 from service.jobs.store.url import StoreURL, parse_store
 from service.settings import BY_NAME, DERIVE, SETTINGS, Derived, Setting, field_default
 from service.settings_docs import plain_help
@@ -32,11 +32,14 @@ class ConfigError(ValueError):
 class Config:
     """Every setting, typed. Field defaults come from the table: `Config(workers=1, store=...)` (as tests
     build it) gets the others as `load` would, derived ones (max_pending, job_concurrency) included.
-    `store_url` and `executor_url` are the parsed forms of `store` and `executor`, made once here."""
+    `store_url` and `executor_url` are the parsed forms of `store` and `executor`, made once here.
+    `workers` is the most workers; `--workers 1..8` makes it a `WorkerRange` (an int, 8) that also holds
+    the fewest, read as `min_workers`: `Config(workers=WorkerRange(1, 8))` builds an elastic one."""
 
     host: str = field_default("host")
     port: int = field_default("port")
-    workers: int = field_default("workers")
+    workers: int = field_default("workers")  # MAX; a WorkerRange (an int) also holds MIN: `min_workers`
+    worker_idle: float = field_default("worker_idle")
     max_pending: int = field_default("max_pending")
     task_timeout: float = field_default("task_timeout")
     max_body: int = field_default("max_body")
@@ -94,6 +97,11 @@ class Config:
                 value = self.store_url.public
             shown.append(f"{name}={value!r}")
         return f"Config({', '.join(shown)})"
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the pool keeps: MIN of `--workers MIN..MAX`, else `workers` (a fixed pool)."""
+        return self.workers.min if isinstance(self.workers, WorkerRange) else self.workers
 
     @classmethod
     def setting_names(cls) -> list[str]:

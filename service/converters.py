@@ -48,6 +48,66 @@ def _float(s: str, requirement: str) -> float:
         raise ValueError(requirement) from None
 
 
+class WorkerRange(int):
+    """`--workers MIN..MAX`: an int, the most workers (MAX: what the pool, its worker table and the
+    defaults derived from the worker count are sized by), that also holds the fewest it keeps, `min`.
+    An int, so that whatever reads `Config.workers` as a count goes on doing so; `Config.min_workers`
+    reads `min` (of a plain int: the int itself, a fixed pool). Equal to another range with the same
+    bounds, and to a plain int only when fixed (`3..3 == 3`, `1..3 != 3`), so two Configs that differ in
+    MIN differ; arithmetic gives plain ints."""
+
+    min: int
+
+    def __new__(cls, low: int, high: int) -> WorkerRange:
+        if not 1 <= low <= high:
+            raise ValueError(f"workers {low}..{high}: MIN must be at least 1 and at most MAX")
+        value = super().__new__(cls, high)
+        value.min = low
+        return value
+
+    def __repr__(self) -> str:
+        return f"{self.min}..{int(self)}"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, WorkerRange):
+            return (self.min, int(self)) == (other.min, int(other))
+        return isinstance(other, int) and self.min == int(self) == other
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return int.__hash__(self)  # equal objects hash alike: 3..3 as 3
+
+    def __reduce__(self) -> tuple[type[WorkerRange], tuple[int, int]]:
+        return WorkerRange, (self.min, int(self))
+
+
+_WORKERS = "must be a number of workers ≥ 1, or MIN..MAX (e.g. 1..8: a pool that grows and shrinks)"
+
+
+def workers(s: str) -> int:
+    """`N`: a fixed pool of N; `MIN..MAX`: a `WorkerRange`, a pool that grows from MIN to MAX while calls
+    wait and shrinks back when idle (MIN ≥ 1: it never shrinks to none; MIN ≤ MAX)."""
+    low_text, dots, high_text = s.partition("..")
+    try:
+        high = int(high_text if dots else s)
+        low = int(low_text) if dots else high
+    except ValueError:
+        raise ValueError(_WORKERS) from None
+    if not dots:
+        if high < 1:
+            raise ValueError(_WORKERS)
+        return high
+    if low < 1:
+        raise ValueError(f"MIN..MAX: MIN must be at least 1 (a pool never shrinks to no worker), not {low}")
+    if low > high:
+        raise ValueError(f"MIN..MAX: MIN ({low}) is more than MAX ({high})")
+    return high if low == high else WorkerRange(low, high)
+
+
 def positive_int(s: str) -> int:
     n = _int(s, "must be a whole number ≥ 1")
     if n < 1:

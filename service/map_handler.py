@@ -108,7 +108,7 @@ async def _run_chunks(
     executor = service.executor
     assert executor is not None
     per_item = [0.0, 0]  # seconds, items measured
-    lanes = max(1, min(executor.size, executor.max_pending))
+    lanes = max(1, min(executor.max_size, executor.max_pending))  # an elastic pool grows for the chunks waiting
     gate = service.gates.get(entry.name)
     if gate is not None:  # @task(concurrency=N): each chunk in flight holds a slot; no more chunks than slots
         lanes = min(lanes, gate.limit)

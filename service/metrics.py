@@ -2,9 +2,9 @@
 
 Task calls by outcome and the duration histogram are plain counts updated on each call (a dict
 entry and a list slot: no lock, no `.labels()` lookup; only the loop's thread updates and scrapes
-them) and exposed at scrape time; pool state (pending, workers by state, restarts) is read at scrape
-time from the pool and its shared-memory table, so the hot path pays nothing for it. Event-loop lag
-is measured by a periodic timer: how late it fires. Webhook deliveries are counted by the webhook
+them) and exposed at scrape time; pool state (pending, workers by state, restarts, size and scaling)
+is read at scrape time from the pool and its shared-memory table, so the hot path pays nothing for
+it. Event-loop lag is measured by a periodic timer: how late it fires. Webhook deliveries are counted by the webhook
 sender into `Metrics.webhooks` (a `WebhookDeliveries`), read at scrape time like the rest. The same
 per-call step also counts the call in the current second of `Metrics.series`, the dashboard's calls/s
 and latency series (service/dashboard/series.py: two list slots more, no clock read).
@@ -60,8 +60,20 @@ class _PoolCollector(Collector):
             "private (resident in that process only) and pss (shared pages divided among their users)",
             labels=["slot", "kind"],
         )
+        size = GaugeMetricFamily("procbridge_pool_size", "Worker processes the pool keeps now (starting ones included)")
+        fewest = GaugeMetricFamily("procbridge_pool_min_size", "The fewest workers (--workers MIN..MAX; fixed: size)")
+        most = GaugeMetricFamily("procbridge_pool_max_size", "The most workers (--workers MIN..MAX; fixed: size)")
+        scaled = CounterMetricFamily(
+            "procbridge_pool_scaled", "Times an elastic pool grew (up) or shrank (down) by one worker; not restarts",
+            labels=["direction"],
+        )
         if pool is not None:
             pending.add_metric([], pool.pending)
+            size.add_metric([], pool.size)
+            fewest.add_metric([], pool.min_size)
+            most.add_metric([], pool.max_size)
+            for direction in ("up", "down"):
+                scaled.add_metric([direction], pool.scaled.get(direction, 0))
             sample = pool.memory()
             counts = dict.fromkeys(("starting", "idle", "busy"), 0)
             for row in pool.rows():
@@ -83,6 +95,10 @@ class _PoolCollector(Collector):
         yield pending
         yield workers
         yield restarts
+        yield size
+        yield fewest
+        yield most
+        yield scaled
         yield cpu
         yield started
         yield memory

@@ -468,9 +468,11 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Workers": {
         "type": "object",
-        "required": ["size", "workers"],
+        "required": ["size", "min", "max", "workers"],
         "properties": {
-            "size": {"type": "integer"},
+            "size": {"type": "integer", "description": "workers now"},
+            "min": {"type": "integer", "description": "the fewest workers (--workers MIN..MAX; fixed: size)"},
+            "max": {"type": "integer", "description": "the most workers (--workers MIN..MAX; fixed: size)"},
             "workers": {"type": "array", "items": {
                 "type": "object", "required": ["pid", "state", "task", "tasks_done"],
                 "properties": {

@@ -65,14 +65,16 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def workers(request: web.Request) -> web.Response:
     """The shared-memory worker table, as the workers last wrote it (or the Dask workers, as the
-    scheduler last listed them, when the executor describes its workers itself)."""
+    scheduler last listed them, when the executor describes its workers itself). `size` is the workers
+    now, `min` and `max` the bounds an elastic pool moves between (a fixed one: both `size`)."""
     service = request.app[SERVICE]
     executor = service.executor
     if executor is None:
-        return json_response({"size": 0, "workers": []})
+        return json_response({"size": 0, "min": 0, "max": 0, "workers": []})
+    sizes = {"size": executor.size, "min": executor.min_size, "max": executor.max_size}
     described = executor.describe_workers()
     if described is not None:
-        return json_response({"size": executor.size, "workers": described, **_serving(service)})
+        return json_response({**sizes, "workers": described, **_serving(service)})
     await executor.sample_memory()
     memory = executor.memory()
     rows = executor.rows()
@@ -89,7 +91,7 @@ async def workers(request: web.Request) -> web.Response:
         }
         for row in rows
     ]
-    body: dict[str, object] = {"size": executor.size, "workers": listing, **_serving(service)}
+    body: dict[str, object] = {**sizes, "workers": listing, **_serving(service)}
     parent = executor.parent_pid
     if parent is not None:
         body["parent"] = {"pid": parent, **_memory_fields(memory.get(parent))}

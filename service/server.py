@@ -102,7 +102,7 @@ class Server:
         await site.start()
         addresses = runner.addresses
         bound = ", ".join(f"http://{a[0]}:{a[1]}" for a in addresses)
-        log.info("procbridge listening on %s (%d workers)", bound, config.workers)
+        log.info("procbridge listening on %s (%s workers)", bound, config.workers)  # an elastic pool: 1..8
         if not config.api_keys and not all(_loopback(a[0]) for a in addresses):
             log.warning("listening on %s without API keys: anyone who can reach it can run tasks", config.host)
 

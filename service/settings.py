@@ -69,9 +69,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--host", "PROCBRIDGE_HOST", c.host, "127.0.0.1",
             "bind address (a warning is logged when bound elsewhere without API keys)"),
     Setting("--port", "PROCBRIDGE_PORT", c.port, 8080, "TCP port"),
-    Setting("--workers", "PROCBRIDGE_WORKERS", c.positive_int,
+    Setting("--workers", "PROCBRIDGE_WORKERS", c.workers,
             Derived("CPUs this process may use", lambda _: available_cpus()),
-            "worker processes; by default one per CPU of the affinity mask, capped by a cgroup CPU quota"),
+            "worker processes: `N`, or `MIN..MAX` (e.g. `1..8`) for a pool that starts MIN, grows while calls "
+            "wait and shrinks when idle ([docs/architecture.md](docs/architecture.md), \"An elastic pool\"); by "
+            "default one per CPU of the affinity mask, capped by a cgroup CPU quota. Defaults derived from it "
+            "use MAX"),
+    Setting("--worker-idle", "PROCBRIDGE_WORKER_IDLE", c.seconds, 60.0,
+            "with `--workers MIN..MAX`: seconds a worker goes without work before it is stopped, while more "
+            "than MIN run", shown="60"),
     Setting("--max-pending", "PROCBRIDGE_MAX_PENDING", c.positive_int,
             Derived("4 × workers", lambda v: 4 * v["workers"]),
             "calls waiting for a worker (or a `@task(concurrency=)` slot); beyond it 503 `overloaded`"),

@@ -70,7 +70,7 @@ class BatchSink(Protocol):
     @property
     def pending(self) -> int: ...
     @property
-    def size(self) -> int: ...
+    def max_size(self) -> int: ...
 
     async def call_chunk(
         self, task: str, items: list[dict[str, Any]], timeout: float | None = None, kind: int = ...
@@ -201,16 +201,17 @@ class Batcher:
 
     def _waited(self, g: _Gathering) -> None:
         """max_wait_ms since the first call: leave, unless this Batcher's batches hold every lane (the batch
-        would only wait in the executor's queue): then it goes on gathering and leaves when one of them ends."""
+        would only wait in the executor's queue): then it goes on gathering and leaves when one of them ends.
+        Lanes are the executor's most workers: an elastic pool grows for a batch that waits."""
         g.timer = None
-        if len(self._running) < self.executor.size:
+        if len(self._running) < self.executor.max_size:
             self._leave(g)
         else:
             g.overdue = True
 
     def _lane_free(self) -> bool:
         executor = self.executor
-        return executor.pending == 0 and len(self._running) < executor.size
+        return executor.pending == 0 and len(self._running) < executor.max_size
 
     def _stop_timers(self, g: _Gathering) -> None:
         if g.timer is not None:

@@ -122,7 +122,11 @@ class ExecutorSettings(Protocol):
     down, instead of its fields copied into each backend's options by hand."""
 
     @property
-    def workers(self) -> int: ...
+    def workers(self) -> int: ...  # the most workers (a fixed pool: the number)
+    @property
+    def min_workers(self) -> int: ...  # the fewest the pool shrinks to (a fixed pool: `workers`)
+    @property
+    def worker_idle(self) -> float: ...  # seconds without work before a worker above the fewest stops
     @property
     def tasks(self) -> tuple[str, ...]: ...
     @property
@@ -157,6 +161,7 @@ class Executor(cf.Executor):
     def __init__(self) -> None:
         self.restarts: Counter[str] = Counter()  # worker restarts by reason (crashed, timeout, ...)
         self.slot_restarts: Counter[int] = Counter()  # the same restarts by slot (where a backend has slots)
+        self.scaled: Counter[str] = Counter()  # times an elastic pool grew ("up") or shrank ("down") by a worker
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._closing = False
@@ -173,8 +178,19 @@ class Executor(cf.Executor):
 
     @property
     def size(self) -> int:
-        """Parallel lanes: worker processes (local) or worker threads of the Dask cluster."""
+        """Parallel lanes now: worker processes (local; an elastic pool's current size) or worker threads
+        of the Dask cluster."""
         raise NotImplementedError
+
+    @property
+    def min_size(self) -> int:
+        """The fewest lanes (an elastic local pool's MIN); neutral default: `size`."""
+        return self.size
+
+    @property
+    def max_size(self) -> int:
+        """The most lanes (an elastic local pool's MAX: what to size concurrency by); neutral default: `size`."""
+        return self.size
 
     @property
     def max_pending(self) -> int:

@@ -99,6 +99,8 @@ async def test_json_calls_return_the_envelope(make_client):
     workers = await live_workers(client)
     assert len(workers) == 2
     assert workers <= worker_pids()
+    listing = await (await client.get("/v1/workers")).json()
+    assert (listing["size"], listing["min"], listing["max"]) == (2, 2, 2)  # a fixed pool: its bounds are its size
     for name, (args, result) in expected.items():
         resp = await call(client, name, args)
         assert resp.status == 200, await resp.text()

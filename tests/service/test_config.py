@@ -4,14 +4,18 @@ count: tests/workers/test_cpus.py.)"""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from service.config import MIB, Config, ConfigError, RateLimit, available_cpus, load
+from service.converters import WorkerRange
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +117,53 @@ def test_max_pending_defaults_to_four_per_worker():
     assert load(["--workers", "3", "--max-pending", "1"], {}).max_pending == 1
     assert Config(workers=3).max_pending == 12  # built directly, as the tests do
     assert Config(workers=3, max_pending=2).max_pending == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "fewest", "most"),
+    [("4", 4, 4), ("1..8", 1, 8), (" 2 .. 3 ", 2, 3), ("3..3", 3, 3), ("+1..2", 1, 2)],
+)
+def test_workers_is_a_number_or_min_dot_dot_max(text, fewest, most):
+    """`--workers N` is a fixed pool; `MIN..MAX` an elastic one: `workers` is MAX (an int, so what is
+    sized by the worker count is sized by MAX) and `min_workers` MIN. The variable reads the same."""
+    for config in (load(["--workers", text], {}), load([], {"PROCBRIDGE_WORKERS": text})):
+        assert (config.min_workers, int(config.workers)) == (fewest, most)
+        assert (config.max_pending, config.job_concurrency) == (4 * most, max(1, (most + 1) // 2))
+        assert type(config.workers) is (int if fewest == most else WorkerRange)
+    assert load(["--workers", "1..8"], {"PROCBRIDGE_WORKERS": "2..3"}).workers == WorkerRange(1, 8)  # flags win
+    assert load([], {}).worker_idle == 60.0 and load(["--worker-idle", "0.5"], {}).worker_idle == 0.5
+    assert load([], {"PROCBRIDGE_WORKER_IDLE": "90"}).worker_idle == 90.0
+
+
+def test_a_worker_range_is_an_int_that_also_holds_min():
+    elastic = WorkerRange(1, 4)
+    assert int(elastic) == 4 and 2 * elastic == 8 and repr(elastic) == str(elastic) == "1..4"
+    assert elastic == WorkerRange(1, 4) and elastic != WorkerRange(2, 4) and elastic != 4  # 1..4 is not a fixed 4
+    assert WorkerRange(4, 4) == 4 and hash(WorkerRange(4, 4)) == hash(4)
+    assert pickle.loads(pickle.dumps(elastic)) == elastic and copy.deepcopy(elastic).min == 1
+    assert Config(workers=elastic).min_workers == 1 and Config(workers=4).min_workers == 4
+    assert Config(workers=elastic) != Config(workers=4)  # the same MAX, another MIN: another config
+    assert "workers=1..4" in repr(Config(workers=elastic))
+    assert replace(Config(workers=elastic), task_timeout=5).min_workers == 1  # replace keeps the range
+    with pytest.raises(ValueError, match="MIN must be at least 1 and at most MAX"):
+        WorkerRange(3, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0", "must be a number of workers ≥ 1, or MIN..MAX"),
+        ("0..4", r"MIN must be at least 1 \(a pool never shrinks to no worker\), not 0"),
+        ("5..2", r"MIN \(5\) is more than MAX \(2\)"),
+        ("1..", "or MIN..MAX"), ("..4", "or MIN..MAX"), ("1...4", "or MIN..MAX"), ("1-4", "or MIN..MAX"),
+        ("a..b", "or MIN..MAX"), ("-1..3", "MIN must be at least 1"),
+    ],
+)
+def test_bad_worker_ranges_are_refused_with_a_reason(text, message):
+    for argv, env, named in (([f"--workers={text}"], {}, "--workers"), ([], {"PROCBRIDGE_WORKERS": text},
+                                                                          "PROCBRIDGE_WORKERS")):
+        with pytest.raises(ConfigError, match=f"^{named}={text!r}: .*{message}"):
+            load(argv, env)
 
 
 def test_empty_env_var_counts_as_unset():
@@ -217,6 +268,10 @@ def test_rate_limits():
         ([], {"PROCBRIDGE_PORT": "-1"}, "PROCBRIDGE_PORT"),
         ([], {"PROCBRIDGE_WORKERS": "0"}, "PROCBRIDGE_WORKERS"),
         (["--workers", "two"], {}, "--workers"),
+        (["--workers", "0..2"], {}, "--workers"),
+        ([], {"PROCBRIDGE_WORKERS": "4..1"}, "PROCBRIDGE_WORKERS"),
+        (["--worker-idle", "0"], {}, "--worker-idle"),
+        ([], {"PROCBRIDGE_WORKER_IDLE": "soon"}, "PROCBRIDGE_WORKER_IDLE"),
         (["--task-timeout", "-1"], {}, "--task-timeout"),
         (["--task-timeout", "0"], {}, "--task-timeout"),
         ([], {"PROCBRIDGE_TASK_TIMEOUT": "inf"}, "PROCBRIDGE_TASK_TIMEOUT"),

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A value each setting accepts other than its default, and what it reads as.
 SAMPLES: dict[str, tuple[str, object]] = {
-    "host": ("0.0.0.0", "0.0.0.0"), "port": ("9001", 9001), "workers": ("3", 3), "max_pending": ("7", 7),
+    "host": ("0.0.0.0", "0.0.0.0"), "port": ("9001", 9001), "workers": ("3", 3), "worker_idle": ("2.5", 2.5),
+    "max_pending": ("7", 7),
     "task_timeout": ("2.5", 2.5), "max_body": ("1KiB", 1024), "tasks": ("a.b,c", ("a.b", "c")),
     "store": ("redis://h:6379/0", "redis://h:6379/0"), "executor": ("dask://s:8786", "dask://s:8786"),
     "api_keys": ("k1,k2", ("k1", "k2")), "rate_limit": ("20/s", converters.RateLimit(20, 1)),

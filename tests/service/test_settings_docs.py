@@ -31,13 +31,13 @@ def test_the_docs_tables_are_the_settings_table():
     assert not problems, "\n".join([*problems, "regenerate with: python -m service.settings_docs --write"])
 
 
-def test_readme_lists_every_setting_and_api_md_the_webhook_cors_and_security_ones():
+def test_readme_lists_every_setting_and_api_md_the_pool_webhook_cors_and_security_ones():
     assert readme_block().names == tuple(BY_NAME)
     rows = parse_table(readme_block().table)
     assert [row[0] for row in rows[2:]] == [f"`{s.flag}`" for s in SETTINGS]
     api = blocks((ROOT / "docs" / "api.md").read_text(encoding="utf-8"), "docs/api.md")
     assert [block.names for block in api] == [
-        ("webhook_allow", "webhook_secret", "webhook_timeout"), ("cors_origins",),
+        ("workers", "worker_idle"), ("webhook_allow", "webhook_secret", "webhook_timeout"), ("cors_origins",),
         ("api_keys", "rate_limit", "access_log"),
     ]
 

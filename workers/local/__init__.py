@@ -30,10 +30,15 @@ One call's way through the package, and what sits beside it:
       a cancel (the pool's tick), hands a dead worker's unstarted calls back to the queue, replaces
       it (crash back-off); the OS side is processes.py; task output goes to the log (output.py)
 
-    PoolState: the options, the loop, the worker table, the workers, the idle list ───── state.py
+    Scaler (an elastic pool, --workers MIN..MAX) ───────────────────────────────── scaling.py
+      grows while calls wait in the queue (the supervisor forks into a free slot), stops workers
+      idle for worker_idle while more than MIN run (the tick)
+
+    PoolState: the options, the loop, the worker table, the workers, the idle list,
+               the active slots ──────────────────────────────────────────────────── state.py
 
 The parts hold no reference to the pool: each gets the `PoolState` and what else it needs at
 construction (the supervisor: the pool's read callback, its requeue and the executor's restart
 counter and background runner; the frame handlers: the supervisor and the broker), so the imports
-run one way: pool → frames → streams, supervisor, broker → state → handle → calls.
+run one way: pool → frames → streams, scaling, supervisor, broker → state → handle → calls.
 """

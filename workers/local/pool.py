@@ -11,13 +11,15 @@ queues without bound. This pool instead:
   refilled straight from the read callback, and pipelines only calls that are known to be short,
   so a long task never holds a short one back; a call of a few microseconds joins a frame that
   is leaving anyway rather than wake an idle worker (the wake-up would cost more than the call);
-- refuses work beyond `max_pending` waiting calls at once (Overloaded), never buffers without bound.
+- refuses work beyond `max_pending` waiting calls at once (Overloaded), never buffers without bound;
+- with `min_workers` below `workers`, grows while calls wait and shrinks when idle (scaling.py).
 
 This module is the path every call takes, kept in one place so a tiny call costs no extra hop:
 admit → give → assign → flush on the way out, read → frame → settle → refill on the way back. The
 rest of the pool sits beside it (the package's docstring draws it): supervisor.py starts, watches,
-kills and replaces the workers; broker.py moves large payloads through shared memory; frames.py
-handles every message kind but the plain value; state.py is what they share.
+kills and replaces the workers; scaling.py grows and shrinks an elastic pool; broker.py moves large
+payloads through shared memory; frames.py handles every message kind but the plain value; state.py
+is what they share.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from workers.local.calls import Call, claim, drop, drop_leases, pickled_call, se
 from workers.local.frames import ControlHandler, FrameHandlers, ResultHandler
 from workers.local.handle import WorkerHandle
 from workers.local.loop_future import LoopFuture
+from workers.local.scaling import Scaler
 from workers.local.state import PoolOptions, PoolState
 from workers.local.streams import PoolStream
 from workers.local.supervisor import Supervisor
@@ -64,11 +67,10 @@ class WorkerPool(Executor):
     tick_interval = _TICK
 
     def __init__(self, options: PoolOptions) -> None:
-        if options.workers < 1:
-            raise ValueError("a pool needs at least one worker")
+        if not 1 <= options.fewest <= options.workers:
+            raise ValueError("a pool needs at least one worker, and min_workers at most workers")
         super().__init__()
         self.options = options
-        self._size = options.workers
         self._max_pending = options.max_pending or 4 * options.workers
         self._state = state = PoolState(options)
         self._workers = state.workers  # the same lists as the state's (never rebound): no chain per call
@@ -88,19 +90,20 @@ class WorkerPool(Executor):
         self._results: dict[int, ResultHandler] = {}
         self.prefix = new_prefix()  # of every shared-memory name this pool creates (table and segments)
         self._memory = MemorySampler(lambda: self.pids() + [p for p in (self.parent_pid,) if p is not None])
+        self._scaler = Scaler.of(state, self._queue, self._supervisor.grow, self.scaled)  # None: a fixed pool
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        return self._size
+    size = property(lambda self: len(self._state.active))  # workers now (an elastic pool's active slots)
+    min_size = property(lambda self: self.options.fewest)
+    max_size = property(lambda self: self.options.workers)
 
     @property
     def max_pending(self) -> int:
         return self._max_pending
 
     async def _open(self) -> None:
-        """Start every worker and return once all of them are ready to take calls."""
+        """Start the workers (MIN of an elastic pool) and return once all of them are ready to take calls."""
         state, options = self._state, self.options
         state.loop = self._loop
         try:
@@ -130,6 +133,8 @@ class WorkerPool(Executor):
         if self._broker is not None:
             self._broker.trim(now)
         self._supervisor.tick(now)
+        if self._scaler is not None:
+            self._scaler.tick(now)
 
     def _is_quiet(self) -> bool:
         return not self._queue and all(w is None or not w.inflight for w in self._workers)
@@ -296,9 +301,8 @@ class WorkerPool(Executor):
         return {w.pid: len(w.inflight) for w in self._workers if w is not None}
 
     def rows(self) -> list[WorkerRow]:
-        """The shared-memory table as the workers last wrote it, one row per slot."""
-        table = self._state.table
-        return table.rows() if table is not None and not self._closed else []
+        """The shared-memory table as the workers last wrote it: a row per slot in use (PoolState.rows)."""
+        return self._state.rows() if not self._closed else []
 
     # -- admission and dispatch -----------------------------------------------------------------
 
@@ -351,6 +355,8 @@ class WorkerPool(Executor):
         if len(self._queue) >= self.max_pending:
             raise Overloaded(len(self._queue))
         self._queue.append(call)
+        if self._scaler is not None:
+            self._scaler.on_queued()
 
     def _give(self, w: WorkerHandle, call: Call) -> bool:
         """Hand `call` to `w`, unless its caller has gone away meanwhile: then release what it holds

@@ -22,13 +22,17 @@
 - **Replace.** A planned stop (recycle, timeout, cancel) is replaced at once and counts in
   `replacing`, so the service stays ready meanwhile; more crashes (start failures included) than
   workers within 10 s meet an exponential back-off (logged) instead of a restart spin.
+- **Scale.** Only the slots in `PoolState.active` hold workers: `start` forks those (MIN of an
+  elastic pool), `grow` forks one more in a slot the scaler (scaling.py) activated, and a worker
+  whose slot the scaler deactivated (it stopped an idle one) is not replaced when it exits, nor
+  counted as a restart.
 
 Interface: the supervisor writes `PoolState.table`, `.workers` and `.replacing` and unparks workers
 it kills or loses; from the pool it is given, at construction, the executor's `restarts` counters
 (by reason, and by slot), `read(w)` (the pool's socket read callback), `requeue(calls)` (calls a dead
 worker never started: back to the front of the queue, then handed out), `background(coro)` (the
 executor's background runner) and the output relay. The pool calls `start`, `on_ready`, `on_start_failed`, `retiring`,
-`kill`, `running_call`, `tick` and `stop`.
+`kill`, `running_call`, `tick` and `stop`; the scaler calls `grow`.
 """
 
 from __future__ import annotations
@@ -97,10 +101,11 @@ class Supervisor:
         self.closed = False
 
     async def start(self, prefix: str, shm_threshold: int | None) -> None:
-        """Create the worker table, start the worker parent (the task modules and preloads load
-        there), fork every worker and return once all are ready to take calls. Raises StartFailed
-        if the parent cannot get ready (a preload or a module raised, or the start timeout passed):
-        the pool then closes. A worker that fails to start is retried with the back-off meanwhile."""
+        """Create the worker table (a row per slot), start the worker parent (the task modules and
+        preloads load there), fork a worker into every active slot and return once all are ready to take
+        calls. Raises StartFailed if the parent cannot get ready (a preload or a module raised, or the
+        start timeout passed): the pool then closes. A worker that fails to start is retried with the
+        back-off meanwhile."""
         state = self._state
         self._parent_lock = asyncio.Lock()
         state.table = WorkerTable.create(len(state.workers), name=f"{prefix}table")
@@ -108,8 +113,12 @@ class Supervisor:
         self._started = asyncio.Event()
         self.output.start()
         await self._ensure_parent()
-        await asyncio.gather(*(self._spawn(slot) for slot in range(len(state.workers))))
+        await asyncio.gather(*(self._spawn(slot) for slot in sorted(state.active)))
         await self._started.wait()
+
+    def grow(self, slot: int) -> None:
+        """Fork a worker into `slot`, which the scaler has just made active (in the background)."""
+        self._background(self._spawn(slot))
 
     # -- what the workers say ---------------------------------------------------------------------
 
@@ -117,8 +126,11 @@ class Supervisor:
         """The worker finished starting (its WORKER_READY frame): it may take calls."""
         w.ready = True
         self.start_error = None
-        self._state.replacing.discard(w.slot)
-        if self._started is not None and all(x is not None and x.ready for x in self._state.workers):
+        state = self._state
+        state.replacing.discard(w.slot)
+        if self._started is not None and all(
+            (x := state.workers[slot]) is not None and x.ready for slot in state.active
+        ):
             self._started.set()
 
     def on_start_failed(self, w: WorkerHandle, line: str, details: str) -> None:
@@ -199,7 +211,8 @@ class Supervisor:
 
     def on_exit(self, w: WorkerHandle) -> None:
         """The worker's process sentinel fired: it is gone. Settle its calls, re-queue the ones it
-        never started, and start its replacement: all in this one callback, no waiting."""
+        never started, and start its replacement: all in this one callback, no waiting. A worker of a
+        slot no longer active (the scaler stopped it) has no replacement and is no restart."""
         state = self._state
         loop, table = state.loop, state.table
         assert loop is not None and table is not None
@@ -247,9 +260,13 @@ class Supervisor:
                 reason = w.dying = "start_failed"
                 self.start_error = f"a worker died while starting ({describe_exit(exitcode)})"
                 log.error("worker %d died while starting (%s)", w.pid, describe_exit(exitcode))
+        w.proc.close()
+        if w.slot not in state.active:  # scaled down: gone as planned, and not to be replaced
+            log.info("worker %d stopped (%s: the pool shrank to %d)", w.pid, reason, len(state.active))
+            self._requeue(requeue)
+            return
         self._restarts[reason] += 1
         self._slot_restarts[w.slot] += 1
-        w.proc.close()
         self._requeue(requeue)
         if not self.closed:
             unplanned = reason in _UNPLANNED or (reason == "max_memory" and running is not None)
@@ -263,7 +280,7 @@ class Supervisor:
         self._crashes.append(now)
         while self._crashes and now - self._crashes[0] > _CRASH_WINDOW:
             self._crashes.popleft()
-        excess = len(self._crashes) - max(3, len(self._state.workers))
+        excess = len(self._crashes) - max(3, len(self._state.active))
         if excess <= 0:
             return 0.0
         delay = min(10.0, 0.1 * 2**excess)
@@ -335,7 +352,7 @@ class Supervisor:
         await self._spawn(slot)
 
     async def _spawn(self, slot: int) -> None:
-        if self.closed:
+        if self.closed or slot not in self._state.active:
             return
         state = self._state
         loop, table, options = state.loop, state.table, state.options
