@@ -67,7 +67,8 @@ def call(conn: httpclient.HTTPConnection, task: str, args: dict[str, Any],
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with serving(tmp_path_factory.mktemp("http2"), "--workers", "2", "--http-processes", "2", "--max-pending", "64") as srv:
+    args = ("--workers", "2", "--http-processes", "2", "--max-pending", "64")
+    with serving(tmp_path_factory.mktemp("http2"), *args) as srv:
         wait_for(lambda: len(serving_pids(srv)) == 2, 30, 0.05, "both serving processes")
         yield srv
 
@@ -110,7 +111,8 @@ def test_metrics_and_workers_describe_the_whole_service_whichever_process_answer
         for c in conns:  # each connection asks its own serving process
             c.request("GET", "/metrics")
             text = c.getresponse().read().decode()
-            line = next(x for x in text.splitlines() if x.startswith('procbridge_tasks_total{outcome="ok",task="sha256"}'))
+            ok_total = 'procbridge_tasks_total{outcome="ok",task="sha256"}'
+            line = next(x for x in text.splitlines() if x.startswith(ok_total))
             answers.append(float(line.rsplit(" ", 1)[1]))
             c.request("GET", "/v1/workers")
             listing = json.loads(c.getresponse().read())
@@ -196,7 +198,7 @@ def test_a_sigkilled_serving_process_is_replaced_and_no_later_call_is_lost(tmp_p
         listing = http("GET", srv.url + "/v1/workers").json()["http_processes"]
         assert listing["restarts"] == 1 and first[1] in listing["pids"]
         assert not psutil.pid_exists(first[0])  # reaped by the core
-        assert "serving process %d exited (killed by SIGKILL)" % first[0] in srv.log()
+        assert f"serving process {first[0]} exited (killed by SIGKILL)" in srv.log()
     finally:
         assert srv.stop() == 0
         srv.kill_all()
