@@ -4,6 +4,10 @@ Three sections of an existing report are written by hand from other scripts' run
 verbatim (each up to the next `## ` heading), in this order, when the file is regenerated:
 "## Shared-memory payloads" (scripts/shm_bench.py), "## Worker state: preload, memory,
 replacement" (scripts/worker_state_bench.py) and "## Dashboard cost" (scripts/dashboard_cost.py).
+
+"## Serving processes" (`--http-processes`) is written here when the run measured it, and otherwise
+carried over verbatim from the existing report the same way (it is usually measured on its own,
+`./scripts/bench --serving-only`, whose short report `serving_markdown` writes, and copied in).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ SHM_HEADING = "## Shared-memory payloads"
 WORKER_STATE_HEADING = "## Worker state: preload, memory, replacement"
 DASHBOARD_HEADING = "## Dashboard cost"
 KEPT_HEADINGS = (SHM_HEADING, WORKER_STATE_HEADING, DASHBOARD_HEADING)  # hand-written, carried over in this order
+SERVING_HEADING = "## Serving processes"  # generated when measured, else carried over (after "CPU scaling")
 LABELS = {
     "naive": "naive (aiohttp, inline)",
     "stdlib": "stdlib (aiohttp + ProcessPoolExecutor)",
@@ -238,6 +243,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str], md_dir: Path, json_
         add("")
 
     lines.extend(_scaling_section(r, plots, md_dir))
+    lines.extend(_serving_or_kept(r, old))
 
     # -- latency --
     add("## Latency")
@@ -485,6 +491,91 @@ def _scaling_section(r: dict[str, Any], plots: dict[str, str], md_dir: Path) -> 
     if "scaling" in plots:
         out += [f"![CPU scaling]({_link(plots['scaling'], md_dir)})", ""]
     return out
+
+
+def _serving_or_kept(r: dict[str, Any], old: str) -> list[str]:
+    """The serving-processes section: from this run when it measured one, else the existing report's
+    (verbatim), else how to measure it."""
+    if (r.get("serving") or {}).get("status") == "measured":
+        return serving_section(r)
+    kept = existing_section(old, SERVING_HEADING)
+    if kept:
+        return [*kept.rstrip("\n").split("\n"), ""]
+    return [SERVING_HEADING, "", "Not measured in this run (run with --http-processes): `./scripts/bench --quick "
+            "--serving-only` measures procbridge with 1, 2 and 4 serving processes (`--http-processes N`) and "
+            "nothing else; run it on a machine with many cores.", ""]
+
+
+def serving_section(r: dict[str, Any]) -> list[str]:
+    """procbridge at several counts of serving processes (`--http-processes`): the table, what was
+    measured, by which command, on which machine."""
+    sv, m = r["serving"], r["machine"]
+    pts = sv["points"]
+    w, cpus = sv["workers"], sv["cpus_usable"]
+    first = pts[0] if pts else {}
+    out = [SERVING_HEADING, ""]
+    out += [f"procbridge alone, `serve --workers {w} --http-processes N` for each N: N serving processes, each "
+            "with its own event loop, accept on the one port (SO_REUSEPORT) and relay the task calls to the one "
+            "core process, which holds the pool. Each N gets a saturating closed-loop no-op load "
+            f"(`{sv['noop_task']}`, {first.get('noop_clients')} clients: 16 per worker), then `{sv['burn_task']}` "
+            f"({first.get('burn1_clients')} clients: 3 per worker), each split among load-generator processes of "
+            f"at most {sv['clients_per_generator']} clients, run at once and summed; {sv['warmup_s']:g} s of "
+            f"warm-up, then {sv['duration_s']:g} s measured. ÷ N=1: no-op calls/s over those with one serving "
+            "process. Efficiency: burn(1 ms) calls/s / (workers × the direct rate of burn(1 ms) in one process, "
+            f"{sv['burn1_direct_per_s']:,.1f}/s in this run), as `cpu_efficiency_1ms`. Service cores: the core "
+            "process (with N = 1, the one process) and the whole service (serving processes and workers "
+            "included); anything else: what other processes used besides the load generators.", ""]
+    out += [f"Measured by `{r['command']}` on {r['generated_at']} (`{r['mode']}` plan). **Machine:** {cpus} usable "
+            f"CPUs ({m['cpu_count']} online), {m['cpu_model']}, {m['memory_gib']} GiB; {w} workers.", ""]
+    out += ["| serving processes | no-op calls/s | ÷ N=1 | burn 1 ms calls/s | efficiency | load generators (no-op) "
+            "| service cores, no-op (core / all) | anything else |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    shed: list[str] = []
+    for pt in pts:
+        gens = f"{pt.get('noop_generators')} ({_fmt(pt.get('noop_client_cores'))} cores" + (
+            ", one saturated)" if pt.get("noop_client_saturated") else ")")
+        out.append(f"| {pt['http_processes']} | {_fmt(pt.get('noop_rps'))} | {_fmt(pt.get('noop_vs_1'))} "
+                   f"| {_fmt(pt.get('burn1_rps'))} | {_fmt(pt.get('burn1_efficiency'))} | {gens} "
+                   f"| {_fmt(pt.get('noop_server_main_cores'))} / {_fmt(pt.get('noop_server_cores'))} "
+                   f"| {_fmt(max(pt.get('noop_other_cores') or 0.0, pt.get('burn1_other_cores') or 0.0))} |")
+        for key in ("noop", "burn1"):
+            if pt.get(f"{key}_overloaded") or pt.get(f"{key}_errors"):
+                shed.append(f"N = {pt['http_processes']} {key}: {pt.get(f'{key}_overloaded')} overloaded, "
+                            f"{pt.get(f'{key}_errors')} errors")
+    out.append("")
+    if shed:
+        out += ["Calls shed with 503 `overloaded` or failed: " + "; ".join(shed) + ".", ""]
+    worst = max((max(pt.get("noop_other_cores") or 0.0, pt.get("burn1_other_cores") or 0.0) for pt in pts),
+                default=0.0)
+    if worst > 0.25:
+        out += [f"**These runs were disturbed:** other processes took up to {worst:.2f} cores meanwhile (the last "
+                "column), CPU the service and its load generators did not get; the figures understate what it can "
+                "do, and the rows differ by more than their serving processes. Rerun on an idle machine.", ""]
+    if cpus <= 4:
+        out += [f"On {cpus} CPUs the serving processes, the core, the {w} workers and the load generators share the "
+                "same cores: more serving processes bring no CPU to spend, so this table shows what relaying costs "
+                "here, not how the serving side scales on a machine with many cores.", ""]
+    return out
+
+
+def serving_markdown(results: dict[str, Any], md_dir: Path, json_path: Path) -> str:
+    """The short report of `./scripts/bench --serving-only`: the machine, then the serving section,
+    ready to be copied into docs/benchmarks.md (which keeps it when regenerated)."""
+    r, m, v = results, results["machine"], results["versions"]
+    lines = ["# Benchmarks: serving processes", "",
+             f"Generated by `{r['command']}` on {r['generated_at']} ({r['wall_s']:.0f} s, `{r['mode']}` plan); the "
+             f"raw figures are in [{_link(str(json_path), md_dir)}]({_link(str(json_path), md_dir)}). Only the "
+             f"serving processes were measured (`--serving-only`); the section below can be copied into "
+             "docs/benchmarks.md, whose regenerations keep it.", "",
+             f"**Machine:** {m['cpus_usable']} usable CPUs ({m['cpu_count']} online), {m['cpu_model']}, "
+             f"{m['memory_gib']} GiB, {m['platform']}.  ",
+             f"**Versions:** Python {v['python']}, procbridge {v.get('procbridge')} (git {v.get('git', '?')}), "
+             f"aiohttp {v['aiohttp']}, uvloop {v['uvloop']}.", ""]
+    busy = r.get("busy_before_start_cores") or 0.0
+    if busy >= 0.25:
+        lines += [f"**Other processes kept {busy:.2f} cores busy when this run started:** the figures are "
+                  "disturbed; rerun on an idle machine.", ""]
+    lines += serving_section(r)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _cpu_per_request(run: dict[str, Any]) -> tuple[float, float, float] | None:

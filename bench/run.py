@@ -1,6 +1,7 @@
 """`./scripts/bench`: procbridge against three baselines, on this machine, in one go.
 
     ./scripts/bench [--quick | --smoke] [--json FILE] [--markdown FILE] [--img-dir DIR] [--scaling [COUNTS]]
+                    [--http-processes [COUNTS]] [--serving-only]
 
 Every contender is started here as a subprocess on a free loopback port and stopped at the end:
 1. naive (aiohttp, the function inline on the loop), 2. stdlib (aiohttp + a stock
@@ -13,9 +14,11 @@ Phases: the direct rate of each function in one process; the executor dispatch c
 task (`primes` with limit 1) and `GET /healthz` at the same concurrency (16 clients per worker, and
 for procbridge 4 per worker too), in turn, in pairs, and `/healthz` in open loop while a saturating
 `burn` load runs; a py-spy profile of procbridge under the no-op load; with --scaling, procbridge's
-CPU efficiency at several worker counts; and scripts/shm_bench.py when it exists. It writes the
-figures as JSON and a Markdown report with PNG plots; a figure that misses its goal is marked MISSED
-there.
+CPU efficiency at several worker counts; with --http-processes, procbridge at several counts of
+serving processes (no-op and burn(1 ms) calls/s, the efficiency); and scripts/shm_bench.py when it
+exists. It writes the figures as JSON and a Markdown report with PNG plots; a figure that misses its
+goal is marked MISSED there. `--serving-only` measures the serving processes and nothing else (a
+short report of its own).
 
 `--quick` takes a few minutes on 2 cores; the default (full) runs longer for steadier figures;
 `--smoke` is seconds long and only proves the machinery works (its figures mean nothing).
@@ -417,15 +420,59 @@ class Bench:
             out["reason"] = f"every worker count asked for is above the {cpus} usable CPUs"
         return out
 
+    def serving(self, counts: Sequence[int], direct: dict[str, float]) -> dict[str, Any]:
+        """procbridge alone with `--http-processes N` for each N, the same workers (`--workers`): a
+        saturating no-op load (NOOP_ARGS, the main runs' clients: 16 per worker) and a saturating
+        burn(1 ms) load (3 clients per worker, as --scaling), each split among load generators as
+        --scaling does; calls/s, the no-op's ratio to N = 1, and burn(1 ms)'s CPU efficiency."""
+        cpus = len(os.sched_getaffinity(0))
+        w = self.workers
+        points: list[dict[str, Any]] = []
+        for n in counts:
+            server = make_server("procbridge", w, self.workdir, ["--http-processes", str(n)])
+            log(f"serving processes: {n} ({w} workers)")
+            server.start()
+            point: dict[str, Any] = {"http_processes": n}
+            try:
+                loads = (("noop", "primes", NOOP_ARGS, self.noop_concurrency), ("burn1", "burn", {"ms": 1}, 3 * w))
+                for key, task, args, clients in loads:
+                    load = self._split_load(server, f"serving-{n}p-{key}", task, args, clients)
+                    point.update({f"{key}_{k}": v for k, v in load.items()})
+            finally:
+                server.stop()
+            point["burn1_efficiency"] = _ratio(point["burn1_rps"], w * direct["burn1_per_s"])
+            points.append(point)
+        one = next((pt["noop_rps"] for pt in points if pt["http_processes"] == 1), None)
+        for pt in points:
+            pt["noop_vs_1"] = _ratio(pt["noop_rps"], one)
+        return {"status": "measured", "cpus_usable": cpus, "workers": w, "points": points,
+                "noop_task": f"primes {json.dumps(NOOP_ARGS)}", "burn_task": 'burn {"ms": 1}',
+                "burn1_direct_per_s": direct["burn1_per_s"], "warmup_s": self.plan.warmup,
+                "duration_s": self.plan.duration, "clients_per_generator": SCALING_CLIENTS}
+
     def _scaling_load(self, server: Server, workers: int, ms: int, direct_rate: float) -> dict[str, Any]:
-        clients = 3 * workers
+        load = self._split_load(server, f"scaling-{workers}w-burn{ms}", "burn", {"ms": ms}, 3 * workers)
+        return {
+            f"burn{ms}_rps": load["rps"],
+            f"burn{ms}_efficiency": _ratio(load["rps"], workers * direct_rate),
+            f"burn{ms}_generators": load["generators"],
+            f"burn{ms}_client_cores": load["client_cores"],
+            f"burn{ms}_client_saturated": load["client_saturated"],
+            f"burn{ms}_server_cores": load["server_cores"],
+            f"burn{ms}_other_cores": load["other_cores"],
+        }
+
+    def _split_load(self, server: Server, label: str, task: str, args: dict[str, Any], clients: int
+                    ) -> dict[str, Any]:
+        """A saturating closed-loop load of `clients` clients, split among load generator processes
+        of at most SCALING_CLIENTS clients each (one Python process tops out near 10,000
+        requests/s), run at once; their figures summed."""
         generators = -(-clients // SCALING_CLIENTS)
         shares = [clients // generators + (1 if i < clients % generators else 0) for i in range(generators)]
         p = self.plan
         loads: dict[str, Sequence[str]] = {
-            f"scaling-{workers}w-burn{ms}-{i + 1}": ["--task", "burn", "--args", json.dumps({"ms": ms}),
-                                                    "--concurrency", str(c), "--duration", f"{p.duration:g}",
-                                                    "--warmup", f"{p.warmup:g}"]
+            f"{label}-{i + 1}": ["--task", task, "--args", json.dumps(args), "--concurrency", str(c),
+                                 "--duration", f"{p.duration:g}", "--warmup", f"{p.warmup:g}"]
             for i, c in enumerate(shares)
         }
         runs = list(self._run_loads_once(server, loads).values())
@@ -436,13 +483,16 @@ class Bench:
                      for r, c in zip(runs, client, strict=True))
         server_cpu = runs[0].get("server_cpu") or {}
         return {
-            f"burn{ms}_rps": round(rps, 1),
-            f"burn{ms}_efficiency": _ratio(rps, workers * direct_rate),
-            f"burn{ms}_generators": generators,
-            f"burn{ms}_client_cores": round(sum(client), 3),
-            f"burn{ms}_client_saturated": any(r["client_cpu"]["saturated"] for r in runs),
-            f"burn{ms}_server_cores": server_cpu.get("total_cores"),
-            f"burn{ms}_other_cores": round(others, 3),
+            "rps": round(rps, 1),
+            "clients": clients,
+            "generators": generators,
+            "client_cores": round(sum(client), 3),
+            "client_saturated": any(r["client_cpu"]["saturated"] for r in runs),
+            "server_cores": server_cpu.get("total_cores"),
+            "server_main_cores": server_cpu.get("main_cores"),
+            "other_cores": round(others, 3),
+            "overloaded": sum(int(r["requests"]["overloaded"]) for r in runs),
+            "errors": sum(int(r["requests"]["errors"]) + int(r["requests"]["unfinished"]) for r in runs),
         }
 
     def profile(self, server: Server) -> dict[str, Any]:
@@ -691,6 +741,7 @@ def judge(figs: dict[str, float | None]) -> dict[str, dict[str, Any]]:
 IDLE_CORES = 0.25  # busy cores below which the machine counts as idle
 SCALING_CLIENTS = 12  # clients per load generator process in the scaling runs
 SCALING_DEFAULT = "1,2,4,8,16"
+SERVING_DEFAULT = "1,2,4"  # --http-processes: counts of serving processes
 PAIRED_EXTRA = 0.15  # what the other load generator of a paired run may add to that
 
 
@@ -817,14 +868,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", nargs="?", const=SCALING_DEFAULT, metavar="COUNTS",
                    help="also measure procbridge's CPU efficiency at these worker counts (those up to the usable "
                         f"CPUs) [{SCALING_DEFAULT}]")
+    p.add_argument("--http-processes", nargs="?", const=SERVING_DEFAULT, metavar="COUNTS",
+                   help="also measure procbridge with these counts of serving processes (`serve --http-processes "
+                        "N`), --workers workers each time: no-op and burn(1 ms) calls/s, the efficiency "
+                        f"[{SERVING_DEFAULT}]")
+    p.add_argument("--serving-only", action="store_true",
+                   help="measure only that (--http-processes, its default counts if not given): no contenders, "
+                        "dispatch, batching, profile, shared memory or --scaling worker counts; writes a short "
+                        "report under build/bench-serving/ (build/bench-smoke/ with --smoke) unless told where")
     return p
+
+
+def _counts(text: str | None) -> list[int]:
+    """`1,2,4` as sorted distinct counts; [0] when one is not a whole number (refused with the rest)."""
+    try:
+        return sorted({int(n) for n in text.split(",") if n.strip()}) if text else []
+    except ValueError:
+        return [0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     plan = PLANS["quick" if ns.quick else "smoke" if ns.smoke else "full"]
-    if ns.smoke:
-        base = ROOT / "build" / "bench-smoke"
+    if ns.smoke or ns.serving_only:  # a serving-only report never replaces docs/benchmarks.md
+        base = ROOT / "build" / ("bench-smoke" if ns.smoke else "bench-serving")
         json_path = ns.json or base / "benchmarks.json"
         md_path = ns.markdown or base / "benchmarks.md"
         img_dir = ns.img_dir or base / "img"
@@ -841,12 +908,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.workers < 1:
         print("scripts/bench: --workers must be >= 1", file=sys.stderr)
         return 2
-    try:
-        scaling = sorted({int(n) for n in ns.scaling.split(",") if n.strip()}) if ns.scaling else []
-    except ValueError:
-        scaling = [0]
+    scaling = _counts(ns.scaling)
     if scaling and scaling[0] < 1:
         print(f"scripts/bench: --scaling takes worker counts >= 1, like {SCALING_DEFAULT}", file=sys.stderr)
+        return 2
+    serving_text = SERVING_DEFAULT if ns.http_processes is None and ns.serving_only else ns.http_processes
+    serving = _counts(serving_text)
+    if (serving and serving[0] < 1) or (serving_text is not None and not serving):
+        print(f"scripts/bench: --http-processes takes counts >= 1, like {SERVING_DEFAULT}", file=sys.stderr)
         return 2
     try:
         import gunicorn  # noqa: F401
@@ -861,7 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     command = "./scripts/bench" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     tmp = Path(tempfile.mkdtemp(prefix="procbridge-bench-"))
-    img_dir.mkdir(parents=True, exist_ok=True)
+    if not ns.serving_only:
+        img_dir.mkdir(parents=True, exist_ok=True)
     if ns.no_profile:
         plan = Plan(**{**asdict(plan), "profile_seconds": 0.0})
     bench = Bench(plan, ns.workers, tmp, ns.quiet)
@@ -883,6 +953,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "healthz_rate": plan.healthz_rate, "noop_task": f"primes {json.dumps(NOOP_ARGS)}"},
     }
     busy_before = idle_check(ns.wait_idle)
+    if ns.serving_only:
+        results["serving_only"] = True
+        if scaling:
+            log("--serving-only: the --scaling worker counts are not measured")
+        return serving_only(bench, results, serving, md_path, json_path, tmp, ns.keep_tmp, busy_before, started)
     try:
         from workers.builtin_tasks import burn
 
@@ -901,6 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["scaling"] = bench.scaling(scaling, results["direct"])
         else:
             results["scaling"] = {"status": "not measured", "reason": "run with --scaling"}
+        if serving:
+            results["serving"] = bench.serving(serving, results["direct"])
+        else:
+            results["serving"] = {"status": "not measured", "reason": "run with --http-processes"}
         if ns.smoke and ns.shm_script == default_shm:  # seconds, not the real payload benchmark
             results["shm"] = {"status": "not measured", "reason": "smoke run"}
         else:
@@ -930,7 +1009,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = "not measured" if g["met"] is None else "met" if g["met"] else "MISSED"
         value = "—" if g["value"] is None else f"{g['value']:g}"
         log(f"  {name:32s} {value:>10s}  goal {g['goal']:8s} {state}")
+    log_serving(results["serving"])
     return 0
+
+
+def serving_only(bench: Bench, results: dict[str, Any], counts: Sequence[int], md_path: Path, json_path: Path,
+                 tmp: Path, keep_tmp: bool, busy_before: float, started: float) -> int:
+    """--serving-only: the direct rate of burn(1 ms), then the serving-processes points; a short
+    report (bench.report.serving_markdown) and the JSON."""
+    from bench import report
+    from workers.builtin_tasks import burn
+
+    try:
+        log("direct rate: burn(1 ms) called in this process")
+        results["direct"] = {"burn1_per_s": round(direct_rate(burn, {"ms": 1}, bench.plan.direct_seconds), 3)}
+        results["serving"] = bench.serving(counts, results["direct"])
+        results["busy_before_start_cores"] = busy_before
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(report.serving_markdown(results, md_path.parent, json_path))
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        if keep_tmp:
+            log(f"raw results and server logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {_rel(md_path)} and {_rel(json_path)} in {time.perf_counter() - started:.0f} s")
+    log_serving(results["serving"])
+    return 0
+
+
+def log_serving(serving: dict[str, Any]) -> None:
+    """Each count of serving processes: no-op calls/s and their ratio to N = 1, burn(1 ms)'s."""
+    for pt in serving.get("points", []):
+        ratio = "—" if pt.get("noop_vs_1") is None else f"{pt['noop_vs_1']:.2f}"
+        log(f"  --http-processes {pt['http_processes']}: no-op {pt['noop_rps']:,.0f} calls/s (÷ N=1: {ratio}), "
+            f"burn(1 ms) {pt['burn1_rps']:,.0f} calls/s, efficiency {pt['burn1_efficiency']}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """./scripts/bench: a `--smoke` run end to end (every contender started and stopped, the JSON keys,
-the Markdown report and its plots), the shared-memory figure merged from a script or reported as not
+the Markdown report and its plots), a `--smoke --serving-only` run (procbridge with 1 and 2 serving
+processes, nothing else), the shared-memory figure merged from a script or reported as not
 measured, and the pieces that need no servers. No figure's value is asserted: smoke runs are too
 short to mean anything."""
 
@@ -51,7 +52,7 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     done = subprocess.run(
         [str(ROOT / "scripts" / "bench"), "--smoke", "--quiet", "--json", str(tmp_path / "out" / "b.json"),
          "--markdown", str(md), "--img-dir", str(tmp_path / "out" / "img"), "--shm-script", str(shm_script),
-         "--scaling", "1,2,512"],
+         "--scaling", "1,2,512", "--http-processes", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, MARK: token},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,6 +80,7 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     assert [pt["workers"] for pt in scaling["points"]] in ([1], [1, 2])  # 2 only where 2 CPUs are usable
     for pt in scaling["points"]:
         assert pt["burn10_rps"] > 0 and pt["burn1_rps"] > 0 and pt["burn1_efficiency"] > 0
+    assert [pt["http_processes"] for pt in results["serving"]["points"]] == [1]  # --serving-only's test has more
 
     text = md.read_text()
     assert "old text" not in text and "## Old section" not in text
@@ -86,9 +88,72 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     assert "## Goals" in text and "CPUs" in text and results["versions"]["aiohttp"] in text
     assert "./scripts/bench --smoke" in text
     assert "## CPU scaling (procbridge)" in text and "Not measured (more workers than usable CPUs): 512." in text
+    assert text.index("## CPU scaling") < text.index("\n## Serving processes") < text.index("\n## Latency")
     for png in ("throughput.png", "burn10-latency.png", "healthz-saturated-latency.png", "scaling.png"):
         assert (tmp_path / "out" / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](img/{png})" in text
+
+
+def test_serving_only_measures_each_count_of_serving_processes(tmp_path):
+    """`--serving-only --http-processes 1,2`: procbridge with 1 then 2 serving processes, real servers,
+    smoke durations; a row and the JSON figures for each count, and nothing else measured."""
+    out = tmp_path / "out"
+    token = uuid.uuid4().hex
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--smoke", "--quiet", "--serving-only", "--http-processes", "1,2",
+         "--json", str(out / "b.json"), "--markdown", str(out / "b.md"), "--img-dir", str(out / "img")],
+        cwd=ROOT, capture_output=True, text=True, timeout=100, env={**os.environ, MARK: token},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _marked(token) == [], "the bench left processes behind"
+    results = json.loads((out / "b.json").read_text())
+    assert results["serving_only"] is True and "contenders" not in results and "dispatch" not in results
+    serving = results["serving"]
+    assert serving["status"] == "measured" and serving["workers"] == results["workers"]
+    assert [pt["http_processes"] for pt in serving["points"]] == [1, 2]
+    for pt in serving["points"]:
+        assert pt["noop_rps"] > 0 and pt["burn1_rps"] > 0 and pt["burn1_efficiency"] > 0, pt
+        assert pt["noop_vs_1"] > 0 and pt["noop_clients"] == results["load"]["noop_concurrency"]
+        assert pt["burn1_clients"] == 3 * results["workers"]
+        assert pt["noop_generators"] == -(-pt["noop_clients"] // 12)  # the scaling runs' generators
+    assert serving["points"][0]["noop_vs_1"] == 1.0
+    for n in (1, 2):  # the log says each count's ratio to N = 1
+        assert f"--http-processes {n}: no-op " in done.stderr
+    text = (out / "b.md").read_text()
+    assert "## Serving processes" in text and "usable CPUs" in text and results["machine"]["cpu_model"] in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[0].split("|")[3].strip() == "1.00"
+    assert not (out / "img").exists()  # no plots: nothing else was measured
+
+
+@pytest.mark.parametrize("flag", ["--http-processes=", "--http-processes=0", "--http-processes=1,x"])
+def test_http_processes_counts_are_checked_before_anything_runs(flag, capsys):
+    from bench.run import main
+
+    assert main([flag, "--serving-only", "--json", "/nonexistent/b.json"]) == 2
+    assert "--http-processes takes counts >= 1" in capsys.readouterr().err
+
+
+def test_the_serving_section_is_generated_when_measured_else_carried_over():
+    from bench.report import SERVING_HEADING, markdown
+
+    results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())  # the committed run's figures
+    results.pop("serving", None)
+    hand = f"{SERVING_HEADING}\n\nMeasured elsewhere, copied in by hand.\n\n| 1 | 2 |\n"
+    old = "# B\n\n## Goals\n\nx\n\n" + hand + "\n## Latency\n\ny\n"
+    kept = markdown(results, {}, ROOT / "docs", ROOT / "docs" / "benchmarks.json", old)
+    assert hand in kept and kept.index("\n## CPU scaling") < kept.index(hand) < kept.index("\n## Latency")
+    stub = markdown(results, {}, ROOT / "docs", ROOT / "docs" / "benchmarks.json", "")
+    assert f"{SERVING_HEADING}\n\nNot measured in this run" in stub and "--serving-only" in stub
+    point = {"http_processes": 2, "noop_rps": 900.0, "noop_vs_1": 0.9, "burn1_rps": 1500.0, "burn1_efficiency": 0.8,
+             "noop_clients": 32, "burn1_clients": 6, "noop_generators": 3, "noop_client_cores": 0.9,
+             "noop_server_main_cores": 0.5, "noop_server_cores": 1.0, "noop_other_cores": 0.01}
+    results["serving"] = {"status": "measured", "cpus_usable": 2, "workers": 2, "points": [point],
+                          "noop_task": 'primes {"limit": 1}', "burn_task": 'burn {"ms": 1}',
+                          "burn1_direct_per_s": 950.0, "warmup_s": 1.0, "duration_s": 6.0, "clients_per_generator": 12}
+    fresh = markdown(results, {}, ROOT / "docs", ROOT / "docs" / "benchmarks.json", old)
+    assert "copied in by hand" not in fresh
+    assert "| 2 | 900 | 0.9 | 1,500 | 0.8 | 3 (0.9 cores) | 0.5 / 1.00 | 0.01 |" in fresh
 
 
 def test_shm_missing_or_broken_is_not_measured(tmp_path):
