@@ -58,6 +58,7 @@ SETTINGS = [
     ("--job-ttl", "PROCBRIDGE_JOB_TTL", "job_ttl", "1h", "90", 3600.0, 90.0),
     ("--max-map-items", "PROCBRIDGE_MAX_MAP_ITEMS", "max_map_items", "10", "20", 10, 20),
     ("--log-level", "PROCBRIDGE_LOG_LEVEL", "log_level", "debug", "warning", "debug", "warning"),
+    ("--worker-idle", "PROCBRIDGE_WORKER_IDLE", "worker_idle", "5", "120", 5.0, 120.0),
 ]
 # The two switches (--debug, --cancel-running-on-disconnect) take no value: test_switches_win_over_their_variables.
 SWITCHES = ("debug", "cancel_running_on_disconnect")
