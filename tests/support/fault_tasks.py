@@ -9,8 +9,10 @@ allocation; nothing is simulated. Plain module-level functions double as `run_in
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -155,6 +157,27 @@ def pid_after(ms: float = 0.0) -> int:
     if ms > 0:
         time.sleep(ms / 1000.0)
     return os.getpid()
+
+
+@task
+def spawn_child(info: str, limit_s: float = 30.0) -> None:
+    """Start a child process that sleeps ten minutes (it stays in this worker's process group: nothing
+    here moves it), check it runs, write {"worker", "child", "child_pgid"} to `info` (atomically), then
+    wait (bounded) to be killed: only a timeout, a cancel or a kill of the worker ends the call."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    if child.poll() is not None:
+        raise RuntimeError(f"the child exited at once ({child.returncode})")
+    report = {"worker": os.getpid(), "child": child.pid, "child_pgid": os.getpgid(child.pid)}
+    Path(info + ".tmp").write_text(json.dumps(report))
+    os.replace(info + ".tmp", info)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:  # bounded: the test kills this worker long before
+        time.sleep(0.005)
+    child.kill()
+    raise TimeoutError("nobody killed this worker")
 
 
 # -- crashes -------------------------------------------------------------------------------------
