@@ -5,18 +5,28 @@ from __future__ import annotations
 
 from service.problems import draining, overloaded
 from service.state import Service
+from workers.errors import Overloaded, PoolClosed
 
 
 def admit_or_refuse(service: Service) -> None:
     """A call or a map: 503 `draining` while the service shuts down (or before its executor runs),
     503 `overloaded` when the admission queue is already full: the executor's queue and the calls
     waiting for their task's concurrency limit (service/concurrency.py) together."""
+    refused = refusal(service)
+    if refused is not None:
+        raise draining() if isinstance(refused, PoolClosed) else overloaded(refused.pending)
+
+
+def refusal(service: Service) -> PoolClosed | Overloaded | None:
+    """Why a new call may not be admitted now, as the pool error it stands for (None: admit it). The
+    core of a service with serving processes answers their calls with it (service/relay_calls.py)."""
     executor = service.executor
     if service.draining or executor is None or executor.closing:
-        raise draining()
+        return PoolClosed()
     queued = executor.pending + service.gates.waiting
     if queued >= executor.max_pending:
-        raise overloaded(queued)
+        return Overloaded(queued)
+    return None
 
 
 def admit_job(service: Service) -> None:

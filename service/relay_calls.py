@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.admission import refusal
 from service.metrics import RejectedRequests
 from service.rate_limit import TokenBuckets
 from service.state import Service
-from workers.errors import Overloaded, PoolClosed
 from workers.executor import CallOptions, Outcome
 
 # Relayed results travel over the relay's socket: no shared-memory lease may leave this process.
@@ -30,12 +30,11 @@ class CoreRelay:
 
     async def call(self, task: str, kwargs: dict[str, Any], timeout: float | None) -> Outcome:
         service = self.service
+        refused = refusal(service)
+        if refused is not None:
+            raise refused
         executor = service.executor
-        if service.draining or executor is None or executor.closing:
-            raise PoolClosed()
-        queued = executor.pending + service.gates.waiting
-        if queued >= executor.max_pending:
-            raise Overloaded(queued)
+        assert executor is not None  # refusal() said draining otherwise
         options = RELAYED_CALL if timeout is None else RELAYED_CALL._replace(timeout=timeout)
         if task in service.gates:
             return await service.gates.run(task, lambda: executor.call(task, kwargs, options))
