@@ -26,8 +26,7 @@ import os
 import pickle
 import signal
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -74,7 +73,9 @@ class RelayedRejections(RejectedRequests):
         self._relay.note("rate-limited")
 
 
-def create_front_app(config: Config, relay_path: str, core_path: str, on_core_lost: Any) -> web.Application:
+def create_front_app(
+    config: Config, relay_path: str, core_path: str, on_core_lost: Callable[[], None]
+) -> web.Application:
     """The app of one serving process: task calls answered here, every other request passed on."""
     catalog = TaskCatalog(registry.load(config.tasks))
     relay = RelayExecutor(relay_path, on_lost=on_core_lost)
@@ -100,7 +101,7 @@ def create_front_app(config: Config, relay_path: str, core_path: str, on_core_lo
 async def readyz(request: web.Request) -> web.StreamResponse:
     """Not ready while this process drains; otherwise the core's readiness."""
     if request.app[SERVICE].draining:
-        return ops_handlers._not_ready("draining", 0, {})
+        return ops_handlers.not_ready("draining", 0, {})
     return await proxy.proxy(request)
 
 

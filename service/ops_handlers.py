@@ -33,18 +33,18 @@ async def readyz(request: web.Request) -> web.Response:
     # An executor may add fields of its own (the Dask one: scheduler address, reachable, threads).
     extra = executor.readiness() if executor is not None else {}
     if service.draining or executor is None or executor.closing:
-        return _not_ready("draining", alive, extra)
+        return not_ready("draining", alive, extra)
     if alive + executor.replacing < 1:  # a worker being replaced still takes calls
         problem = executor.start_error
         if problem is not None:
-            return _not_ready("worker-start-failed", alive, {**extra, "detail": problem})
-        return _not_ready("no-workers" if executor.started else "starting", alive, extra)
+            return not_ready("worker-start-failed", alive, {**extra, "detail": problem})
+        return not_ready("no-workers" if executor.started else "starting", alive, extra)
     if service.serving is not None and not service.serving.listening:  # --http-processes: until all listen
-        return _not_ready("starting", alive, extra)
+        return not_ready("starting", alive, extra)
     return json_response({"status": "ready", "workers_alive": alive, **extra})
 
 
-def _not_ready(reason: str, alive: int, extra: dict[str, object]) -> web.Response:
+def not_ready(reason: str, alive: int, extra: dict[str, object]) -> web.Response:
     return json_response({"status": reason, "reason": reason, "workers_alive": alive, **extra}, status=503)
 
 
