@@ -16,6 +16,7 @@ in docs/architecture.md ("Where the loop's time goes", "Several serving processe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -45,26 +47,12 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("serving_cost: needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         lua = Path(tmp) / "post.lua"
         lua.write_text(POST_LUA)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
         if ns.bare:
-            return against_bare(Path(tmp), lua, env, ns)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--workers", str(ns.workers), "--http-processes",
-             str(ns.http_processes), "--port", str(port), "--access-log", "off", "--max-pending", "256",
-             "--store", f"{tmp}/jobs.db"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            return measure(server, port, lua, ns.seconds, ns.http_processes)
-        finally:
-            server.terminate()
-            server.wait(60)
+            return against_bare(Path(tmp), lua, ns)
+        return per_process(Path(tmp), lua, ns)
 
 
 BARE_APP = """
@@ -83,32 +71,60 @@ uvloop.run(main())
 """
 
 
-def against_bare(tmp: Path, lua: Path, env: dict[str, str], ns: argparse.Namespace) -> int:
+def per_process(tmp: Path, lua: Path, ns: argparse.Namespace) -> int:
+    """The no-op under wrk, and the CPU each serving-side process spent per call."""
+    port = free_port()
+    flags = ["--http-processes", str(ns.http_processes), "--access-log", "off", *ns.server_flags]
+    with running(serve_command(tmp, port, ns.workers, flags)) as server:
+        if not ready(server, f"http://127.0.0.1:{port}/readyz"):
+            print("serving_cost: the server did not get ready", file=sys.stderr)
+            return 1
+        core = psutil.Process(server.pid)
+        fronts = [k for k in core.children() if "service.front" in " ".join(k.cmdline())]
+        procs = {"core" if ns.http_processes > 1 else "server": core,
+                 **{f"serving{i + 1}": f for i, f in enumerate(fronts)}}
+        rate, costs = load(procs, f"http://127.0.0.1:{port}/v1/tasks/primes", lua, ns.seconds)
+    shown = ", ".join(f"{name} {cost:.1f} µs/call" for name, cost in costs.items())
+    print(f"--http-processes {ns.http_processes}: {rate:,.0f} calls/s; CPU per call (of all calls): {shown}")
+    return 0
+
+
+def against_bare(tmp: Path, lua: Path, ns: argparse.Namespace) -> int:
+    """The bare app's GET, procbridge's no-op and its /healthz, alternating, `ns.rounds` times."""
     (tmp / "bare.py").write_text(BARE_APP)
     bare_port, port = free_port(), free_port()
-    bare = subprocess.Popen([sys.executable, str(tmp / "bare.py"), str(bare_port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--workers", str(ns.workers), "--port", str(port),
-         "--max-pending", "256", "--store", f"{tmp}/jobs.db", *ns.server_flags],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
+    with (running([sys.executable, str(tmp / "bare.py"), str(bare_port)]) as bare,
+          running(serve_command(tmp, port, ns.workers, ns.server_flags)) as server):
         if not (ready(bare, f"http://127.0.0.1:{bare_port}/healthz") and ready(server, f"http://127.0.0.1:{port}/readyz")):
             print("serving_cost: a server did not get ready", file=sys.stderr)
             return 1
+        bare_proc, server_proc = {"bare": psutil.Process(bare.pid)}, {"server": psutil.Process(server.pid)}
         for round_ in range(1, ns.rounds + 1):
-            b_rate, b_cpu = load(bare, f"http://127.0.0.1:{bare_port}/healthz", None, ns.seconds)
-            n_rate, n_cpu = load(server, f"http://127.0.0.1:{port}/v1/tasks/primes", lua, ns.seconds)
-            h_rate, h_cpu = load(server, f"http://127.0.0.1:{port}/healthz", None, ns.seconds)
-            print(f"round {round_}: bare GET {b_rate:,.0f}/s ({b_cpu:.1f} µs CPU each); no-op call {n_rate:,.0f}/s "
-                  f"({n_cpu:.1f} µs); /healthz {h_rate:,.0f}/s ({h_cpu:.1f} µs); no-op / bare: "
-                  f"{n_rate / b_rate:.2f} by calls/s, {b_cpu / n_cpu:.2f} by CPU per request")
-        return 0
+            b_rate, b_cpu = load(bare_proc, f"http://127.0.0.1:{bare_port}/healthz", None, ns.seconds)
+            n_rate, n_cpu = load(server_proc, f"http://127.0.0.1:{port}/v1/tasks/primes", lua, ns.seconds)
+            h_rate, h_cpu = load(server_proc, f"http://127.0.0.1:{port}/healthz", None, ns.seconds)
+            b, n, h = b_cpu["bare"], n_cpu["server"], h_cpu["server"]
+            print(f"round {round_}: bare GET {b_rate:,.0f}/s ({b:.1f} µs CPU each); no-op call {n_rate:,.0f}/s "
+                  f"({n:.1f} µs); /healthz {h_rate:,.0f}/s ({h:.1f} µs); no-op / bare: "
+                  f"{n_rate / b_rate:.2f} by calls/s, {b / n:.2f} by CPU per request")
+    return 0
+
+
+def serve_command(tmp: Path, port: int, workers: int, flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "service", "serve", "--workers", str(workers), "--port", str(port),
+            "--max-pending", "256", "--store", f"{tmp}/jobs-{port}.db", *flags]
+
+
+@contextlib.contextmanager
+def running(command: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` started from the checkout (no PROCBRIDGE_ variable of the caller's), stopped at the end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCBRIDGE_")}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
     finally:
-        for proc in (bare, server):
-            proc.terminate()
-            proc.wait(60)
+        proc.terminate()
+        proc.wait(60)
 
 
 def free_port() -> int:
@@ -128,50 +144,22 @@ def ready(proc: subprocess.Popen[bytes], url: str) -> bool:
     return False
 
 
-def load(proc: subprocess.Popen[bytes], url: str, lua: Path | None, seconds: int) -> tuple[float, float]:
-    """wrk -t1 -c32 on `url` (POST the no-op with `lua`): calls/s, and µs of `proc`'s CPU per request."""
-    process = psutil.Process(proc.pid)
-    before = sum(process.cpu_times()[:2])
+def load(procs: dict[str, psutil.Process], url: str, lua: Path | None, seconds: int) -> tuple[float, dict[str, float]]:
+    """wrk -t1 -c32 on `url` (POSTing the no-op with `lua`): calls/s, and µs of each process's CPU
+    (user + system) per call wrk completed."""
+
+    def cpu() -> dict[str, float]:
+        return {name: sum(proc.cpu_times()[:2]) for name, proc in procs.items()}
+
+    before = cpu()
     script = ["-s", str(lua)] if lua is not None else []
     out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", *script, url],
                          capture_output=True, text=True, check=True).stdout
+    after = cpu()
     match = re.search(r"(\d+) requests in", out)
     assert match is not None, out
     calls = int(match.group(1))
-    return calls / seconds, 1e6 * (sum(process.cpu_times()[:2]) - before) / calls
-
-
-def measure(server: subprocess.Popen[bytes], port: int, lua: Path, seconds: int, count: int) -> int:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
-                break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("serving_cost: the server did not get ready", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-    core = psutil.Process(server.pid)
-    fronts = [k for k in core.children() if "service.front" in " ".join(k.cmdline())]
-    procs = {"core" if count > 1 else "server": core, **{f"serving{i + 1}": f for i, f in enumerate(fronts)}}
-
-    def cpu(proc: psutil.Process) -> float:
-        times = proc.cpu_times()
-        return times.user + times.system
-
-    before = {name: cpu(proc) for name, proc in procs.items()}
-    out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", str(lua), f"http://127.0.0.1:{port}/v1/tasks/primes"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    after = {name: cpu(proc) for name, proc in procs.items()}
-    match = re.search(r"(\d+) requests in", out)
-    assert match is not None, out
-    calls = int(match.group(1))
-    costs = ", ".join(f"{name} {1e6 * (after[name] - before[name]) / calls:.1f} µs/call" for name in procs)
-    print(f"--http-processes {count}: {calls / seconds:,.0f} calls/s; CPU per call (of all calls): {costs}")
-    return 0
+    return calls / seconds, {name: 1e6 * (after[name] - before[name]) / calls for name in procs}
 
 
 if __name__ == "__main__":
