@@ -17,9 +17,11 @@ earlier still: at the drain, and at the app's shutdown, before aiohttp waits for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -59,9 +61,8 @@ def create_app(config: Config, *, core: bool = False) -> web.Application:
     CORS, the access log: service/front.py), so it checks none of them again."""
     catalog = TaskCatalog(registry.load(config.tasks))
     service = Service(config=config, catalog=catalog, metrics=Metrics(lambda: service.executor))
-    if config.access_log != "off" and not core:
-        service.access_log = AccessLogSink(config.access_log)
-        service.access_log.with_keys = bool(config.api_keys)
+    if not core:
+        service.access_log = access_log_sink(config)
     app = web.Application(client_max_size=config.max_body + 1)
     app.middlewares.extend(_middlewares(service, app, edge=not core))  # after the app: CORS adds a signal to it
     app[SERVICE] = service
@@ -72,6 +73,15 @@ def create_app(config: Config, *, core: bool = False) -> web.Application:
     dashboard.setup(app)
     app.cleanup_ctx.extend((log_sinks, job_store, task_executor, job_runner, metrics_timers, dashboard.hub))
     return app
+
+
+def access_log_sink(config: Config) -> AccessLogSink | None:
+    """The access log's sink as configured (None: `--access-log off`); with keys, lines name them."""
+    if config.access_log == "off":
+        return None
+    sink = AccessLogSink(config.access_log)
+    sink.with_keys = bool(config.api_keys)
+    return sink
 
 
 def _middlewares(service: Service, app: web.Application, *, edge: bool = True) -> list[Middleware]:
@@ -146,12 +156,24 @@ async def task_executor(app: web.Application) -> AsyncIterator[None]:
     config = service.config
     executor = open_executor(config.executor_url, config)
     service.executor = executor
-    service.executor_start = asyncio.ensure_future(_start(service, executor))
-    yield
-    if not service.executor_start.done():
-        service.executor_start.cancel()
-    await asyncio.gather(service.executor_start, return_exceptions=True)
-    await executor.aclose()
+    async with starting_in_background(service, executor, _start(service, executor)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def starting_in_background(
+    service: Service, executor: Executor, start: Coroutine[Any, Any, None]
+) -> AsyncIterator[None]:
+    """`start` runs in the background as `service.executor_start` (the server reads it as the start);
+    at the end, a start still running is cancelled and the executor closed."""
+    service.executor_start = asyncio.ensure_future(start)
+    try:
+        yield
+    finally:
+        if not service.executor_start.done():
+            service.executor_start.cancel()
+        await asyncio.gather(service.executor_start, return_exceptions=True)
+        await executor.aclose()
 
 
 async def _start(service: Service, executor: Executor) -> None:

@@ -17,22 +17,17 @@ is killed): it has nothing to serve with then.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
 import functools
 import logging
 import os
 import pickle
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from service import ops_handlers, proxy, task_handlers
-from service.access_log import AccessLogSink
-from service.app import edge_middlewares, log_sinks
+from service.app import access_log_sink, edge_middlewares, log_sinks, starting_in_background
 from service.body import expect_continue
 from service.concurrency import TaskGates
 from service.config import Config
@@ -43,6 +38,7 @@ from service.server import Server, run
 from service.state import SERVICE, Service
 from service.validation import TaskCatalog
 from workers import registry
+from workers.local.parent import die_with_parent
 from workers.relay.executor import RelayExecutor
 
 log = logging.getLogger("procbridge")
@@ -83,9 +79,7 @@ def create_front_app(
     service.executor = relay
     service.gates = TaskGates((), lambda: relay)  # the core holds the gates: one limit for the service
     service.rejected = RelayedRejections(relay)
-    if config.access_log != "off":
-        service.access_log = AccessLogSink(config.access_log)
-        service.access_log.with_keys = bool(config.api_keys)
+    service.access_log = access_log_sink(config)
     app = web.Application(client_max_size=config.max_body + 1)
     take = relay.take if config.rate_limit is not None else None
     app.middlewares.extend([problem_middleware, *edge_middlewares(service, app, take)])
@@ -110,12 +104,8 @@ async def relay_link(app: web.Application) -> AsyncIterator[None]:
     service = app[SERVICE]
     executor = service.executor
     assert executor is not None
-    service.executor_start = asyncio.ensure_future(executor.start())
-    yield
-    if not service.executor_start.done():
-        service.executor_start.cancel()
-    await asyncio.gather(service.executor_start, return_exceptions=True)
-    await executor.aclose()
+    async with starting_in_background(service, executor, executor.start()):
+        yield
 
 
 class FrontServer(Server):
@@ -150,18 +140,9 @@ class FrontServer(Server):
         relay.hello()
 
 
-def _die_with_core(core_pid: int) -> None:
-    """SIGKILL this process when the core's thread that started it ends (Linux; elsewhere the
-    relay's EOF stops it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != core_pid:  # the core died before the line above: nobody to serve for
-        os._exit(1)
-
-
 def main() -> int:
     settings = pickle.load(sys.stdin.buffer)  # the core's own bytes (service/serving.py), never a client's
-    _die_with_core(settings["core_pid"])
+    die_with_parent(settings["core_pid"])  # SIGKILL when the core goes (Linux; elsewhere the relay's EOF)
     server = functools.partial(FrontServer, relay_path=settings["relay"], core_path=settings["core"])
     return run(settings["config"], server)
 

@@ -21,6 +21,8 @@ import signal
 import time
 from collections.abc import Sequence
 
+from workers.errors import describe_exit
+
 log = logging.getLogger("procbridge.serving")
 
 _STEADY = 10.0  # a process that lived this long resets its slot's back-off
@@ -69,7 +71,8 @@ class ServingProcesses:
                 return
             self.restarts += 1
             delay = 0.0 if time.monotonic() - started > _STEADY else min(10.0, max(0.1, 2 * delay))
-            log.error("serving process %d exited (%s); starting another in %.1f s", proc.pid, _describe(code), delay)
+            log.error("serving process %d exited (%s); starting another in %.1f s",
+                      proc.pid, describe_exit(code), delay)
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -110,9 +113,3 @@ class ServingProcesses:
             self.signal_all(signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in self.procs if p is not None))
 
-
-def _describe(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
