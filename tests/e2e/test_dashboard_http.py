@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServerProcess, http, post_json
+from tests.support.sse import SseParser
 
 KEY = "dashboard-e2e-key-5d1f3b7e9a2c4e6f8b0d"
 APP = "https://app.example.com"
@@ -38,22 +39,18 @@ class Stream:
         self.conn = httpclient.HTTPConnection("127.0.0.1", server.port, timeout=10)
         self.conn.request("GET", "/v1/dashboard/events", headers=headers)
         self.resp = self.conn.getresponse()
+        self.parser = SseParser()
 
     def snapshot(self) -> dict[str, Any] | None:
         """The next `snapshot` event's data; None at the end of the stream."""
-        event, data = None, None
         while True:
             line = self.resp.fp.readline()
             if not line:
                 return None
-            line = line.rstrip(b"\r\n")
-            if line.startswith(b"event: "):
-                event = line[7:].decode()
-            elif line.startswith(b"data: "):
-                data = json.loads(line[6:])
-            elif not line and data is not None:
-                assert event == "snapshot"
-                return data  # type: ignore[no-any-return]
+            event = self.parser.feed(line)
+            if event is not None:
+                assert event[1] == "snapshot"
+                return event[2]  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self.conn.close()

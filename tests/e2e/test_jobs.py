@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import http, post_json, start_server, wait_for
 from tests.support.redis_server import RedisServer, need_redis_server
+from tests.support.sse import SseParser
 
 FAULTS = "tests.support.fault_tasks"
 
@@ -67,23 +68,12 @@ def sse_stream(
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     assert resp.getheader("Content-Type", "").startswith("text/event-stream")
-    event_id: str | None = None
-    event, data = "message", []
+    parser = SseParser()
     try:
         for raw in resp:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith(":"):
-                continue
-            if line == "":
-                if data:
-                    yield event_id, event, json.loads("\n".join(data))
-                event, data, event_id = "message", [], None
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].lstrip())
+            event = parser.feed(raw)
+            if event is not None:
+                yield event
     finally:
         conn.close()
 

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
@@ -26,6 +25,7 @@ from service.dashboard.handlers import ASSETS, HUB
 from service.dashboard.static import CSP, load
 from service.state import SERVICE
 from tests.conftest import started_client, wait_until
+from tests.support.sse import SseParser
 
 KEY = "dashboard-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -53,21 +53,17 @@ class Events:
 
     def __init__(self, resp: ClientResponse) -> None:
         self.resp = resp
+        self.parser = SseParser()
 
     async def next(self, timeout: float = 5.0) -> tuple[float, str, Any]:
-        name, data = "message", None
         async with asyncio.timeout(timeout):
             while True:
                 line = await self.resp.content.readline()
                 if not line:
                     raise EOFError("the stream ended")
-                line = line.rstrip(b"\r\n")
-                if line.startswith(b"event: "):
-                    name = line[7:].decode()
-                elif line.startswith(b"data: "):
-                    data = orjson.loads(line[6:])
-                elif not line and data is not None:
-                    return time.monotonic(), name, data
+                event = self.parser.feed(line)
+                if event is not None:
+                    return time.monotonic(), event[1], event[2]
 
     async def snapshot(self, timeout: float = 5.0) -> dict[str, Any]:
         _, name, data = await self.next(timeout)
